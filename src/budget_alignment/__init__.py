@@ -1,0 +1,1 @@
+"""budget-alignment: multilingual reasoning alignment as a reproducible pipeline."""

