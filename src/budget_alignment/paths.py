@@ -48,3 +48,21 @@ def reports_dir() -> Path:
 
 def budget_file(stage: str) -> Path:
     return reports_dir() / "budget" / f"{stage}.json"
+
+
+def ingested(dataset: str) -> Path:
+    """English records of a dataset, as loaded from its source."""
+    return data_dir() / "ingested" / f"{dataset}.jsonl"
+
+
+def translated(dataset: str, lang: str) -> Path:
+    return data_dir() / "translated" / dataset / f"{lang}.jsonl"
+
+
+def normalized(dataset: str, lang: str) -> Path:
+    """What training and evaluation read: one file per dataset and language (English included)."""
+    return data_dir() / "normalized" / dataset / f"{lang}.jsonl"
+
+
+def data_quality_dir() -> Path:
+    return reports_dir() / "data_quality"
