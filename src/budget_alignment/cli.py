@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -97,5 +96,5 @@ def base_model(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
             fail(str(error))
 
 
-def main() -> None:  # pragma: no cover - the console script calls `app` directly
-    sys.exit(app())
+if __name__ == "__main__":
+    app()

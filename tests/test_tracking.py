@@ -1,0 +1,103 @@
+"""MLflow tracking: one run per stage instance in $DVC_ROOT/mlflow.db; a dead server never fails a stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from budget_alignment import tracking
+from budget_alignment.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def params():
+    return load_params(REPO / "params.yaml")
+
+
+@pytest.fixture
+def dvc_root(tmp_path, monkeypatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_flatten_keeps_lists_whole():
+    assert tracking.flatten({"grpo": {"clip_high": 0.28, "init": ["base", "sft"]}, "seed": 1}) == {
+        "grpo.clip_high": 0.28,
+        "grpo.init": ["base", "sft"],
+        "seed": 1,
+    }
+
+
+def test_stage_run_lands_in_the_dvc_root_database(dvc_root, params, monkeypatch):
+    monkeypatch.setenv("DVC_STAGE", "grpo@sft-ja")
+    monkeypatch.setenv("DVC_EXP_NAME", "clip-sweep-1")
+    with tracking.stage_run("grpo", params, ["grpo"]) as run:
+        run.log_metrics({"reward": 0.5, "ignored_flag": True})
+        output = dvc_root / "out.txt"
+        output.write_text("x" * 100)
+        run.add_output(output)
+        run.add_budget(tokens_generated=1234)
+
+    assert (dvc_root / "mlflow.db").is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{dvc_root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=[params.tracking.experiment], output_format="list")
+    assert len(runs) == 1
+    found = runs[0]
+    assert found.info.run_name == "grpo@sft-ja"
+    assert found.info.status == "FINISHED"
+    assert found.data.tags["profile"] == "tiny"
+    assert found.data.tags["dvc_exp_name"] == "clip-sweep-1"
+    assert found.data.tags["stage"] == "grpo@sft-ja"
+    assert len(found.data.tags["git_commit"]) in (40, len("unknown"))
+    assert found.data.params["grpo.clip_high"] == str(params.grpo.clip_high)
+    assert found.data.params["grpo.reward_weights.language"] == "0.2"
+    assert "sft.learning_rate" not in found.data.params  # only the sections the stage reads
+    assert found.data.metrics["reward"] == 0.5
+    assert "ignored_flag" not in found.data.metrics
+    assert found.data.metrics["budget.bytes_written"] == 100
+    assert found.data.metrics["budget.tokens_generated"] == 1234
+
+    budget = json.loads((dvc_root / "reports/budget/grpo@sft-ja.json").read_text())
+    assert budget["stage"] == "grpo@sft-ja"
+    assert budget["bytes_written"] == 100 and budget["tokens_generated"] == 1234
+    assert budget["wall_seconds"] >= 0 and budget["peak_rss_bytes"] > 10_000_000
+
+
+def test_failed_stage_marks_the_run_failed_and_writes_no_budget(dvc_root, params):
+    with pytest.raises(RuntimeError), tracking.stage_run("sft", params, ["sft"]):
+        raise RuntimeError("boom")
+    mlflow.set_tracking_uri(f"sqlite:///{dvc_root / 'mlflow.db'}")
+    (found,) = mlflow.search_runs(experiment_names=[params.tracking.experiment], output_format="list")
+    assert found.info.status == "FAILED"
+    assert not (dvc_root / "reports/budget/sft.json").exists()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_server_warns_and_the_stage_succeeds(dvc_root, params, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    with caplog.at_level(logging.WARNING), tracking.stage_run("merge", params, ["merge"]) as run:
+        run.log_metrics({"x": 1.0})
+        assert not run.active
+    assert "not reachable" in caplog.text
+    assert json.loads((dvc_root / "reports/budget/merge.json").read_text())["stage"] == "merge"
+
+
+def test_tracking_can_be_switched_off(dvc_root, params):
+    off = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
+    with tracking.stage_run("report", off, []) as run:
+        assert not run.active
+    assert not (dvc_root / "mlflow.db").exists()
