@@ -15,8 +15,9 @@ from budget_alignment.records import Problem
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
@@ -102,8 +103,14 @@ def test_think_prefix_opens_the_reasoning_in_the_target_language(chatml):
 
 
 def test_choices_are_listed_with_their_letters_and_a_letter_instruction():
-    choice = problem(lang="es", question="¿Cuánto es 2 + 2?", answer="B", answer_type="choice",
-                     choices={"A": "3", "B": "4"}, solution=None)
+    choice = problem(
+        lang="es",
+        question="¿Cuánto es 2 + 2?",
+        answer="B",
+        answer_type="choice",
+        choices={"A": "3", "B": "4"},
+        solution=None,
+    )
     message = prompts.user_message(choice)
     assert "¿Cuánto es 2 + 2?\n\nA. 3\nB. 4\n\n" in message
     assert "letra de la opción correcta" in message

@@ -34,7 +34,9 @@ CHOICE_INSTRUCTIONS = {
 }
 # A language without a written instruction gets the English one naming it ("... in German ...").
 FALLBACK_INSTRUCTION = "Think step by step in {language}, then give your final answer in \\boxed{}."
-FALLBACK_CHOICE_INSTRUCTION = "Think step by step in {language}, then give the letter of the correct option in \\boxed{}."
+FALLBACK_CHOICE_INSTRUCTION = (
+    "Think step by step in {language}, then give the letter of the correct option in \\boxed{}."
+)
 
 # Qi et al.: opening the reasoning with a sentence in the target language keeps it there.
 THINK_PREFIXES = {
@@ -131,7 +133,11 @@ def training_example(
     if problem.solution is None:
         raise ValueError(f"problem {problem.id} ({problem.lang}) has no worked solution to train on")
     own = split_solution(problem.solution)
-    reasoning = split_solution(reasoning_from.solution).reasoning if reasoning_from and reasoning_from.solution else own.reasoning
+    reasoning = (
+        split_solution(reasoning_from.solution).reasoning
+        if reasoning_from and reasoning_from.solution
+        else own.reasoning
+    )
     return {
         "prompt": generation_prompt(tokenizer, problem, settings),
         "completion": completion_text(reasoning, own.final, problem.lang, settings, tokenizer.eos_token or ""),

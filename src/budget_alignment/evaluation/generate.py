@@ -1,0 +1,301 @@
+"""The `generate@{regime}-{lang}` stage: n sampled completions per evaluation problem, resumable.
+
+Work happens in batches of whole problems with a seed derived from (seed, dataset, batch index), so a batch
+samples the same completions whether it runs in one go or after a crash. Finished problems are appended to a
+work file under the cache as soon as their batch ends; a killed run resumes from there and regenerates only the
+unfinished batches. The finished files are then moved into the stage's output folder at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from budget_alignment import paths, prompts
+from budget_alignment.io import atomic_write, write_json
+from budget_alignment.params import Params
+from budget_alignment.records import Completion, Problem, read_records
+from budget_alignment.tracking import StageRun
+from budget_alignment.train.models import atomic_directory
+
+log = logging.getLogger(__name__)
+
+META_FILE = "generation.json"
+
+
+class GenerationError(RuntimeError):
+    """The model to sample from is missing or the backend cannot run."""
+
+
+def model_for(regime: str, lang: str) -> str:
+    """The model a regime uses in a language: `sft` in ja is `sft-ja`; `base` and `merge` serve every language."""
+    return regime if regime in ("base", "merge") else f"{regime}-{lang}"
+
+
+def generation_dir(regime: str, lang: str) -> Path:
+    return paths.data_dir() / "generations" / f"{regime}-{lang}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    text: str
+    tokens: int
+    finish_reason: str
+
+
+class Backend(Protocol):
+    def generate(self, prompts: list[str], n: int, seed: int) -> list[list[Sample]]: ...
+
+    def tokenizer(self) -> Any: ...
+
+
+class TransformersBackend:
+    """Batched sampling with left padding and the KV cache; a LoRA adapter is loaded on the base, unmerged."""
+
+    def __init__(self, params: Params, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        settings = params.evaluation
+        self.settings = settings
+        self.device = "cuda" if params.compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+        if params.compute.torch_threads:
+            torch.set_num_threads(params.compute.torch_threads)
+        is_adapter = (model_dir / "adapter_config.json").is_file()
+        weights_dir = paths.base_model_dir() if is_adapter else model_dir
+        tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else paths.base_model_dir()
+        self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left")
+        dtype = getattr(torch, params.base_model.dtype) if self.device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(
+            weights_dir, dtype=dtype, trust_remote_code=params.base_model.trust_remote_code, use_safetensors=True
+        )
+        if is_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, model_dir)
+        self.model = model.to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.stop_ids = set(
+            eos if isinstance(eos, list) else [eos if eos is not None else self._tokenizer.eos_token_id]
+        )
+
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def generate(self, prompts: list[str], n: int, seed: int) -> list[list[Sample]]:
+        import torch
+
+        tokenizer = self._tokenizer
+        # The chat template already wrote any BOS token into the prompt text.
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        torch.manual_seed(seed)
+        sampling = self.settings.temperature > 0
+        with torch.inference_mode():
+            output = self.model.generate(
+                **encoded,
+                do_sample=sampling,
+                temperature=self.settings.temperature if sampling else None,
+                top_p=self.settings.top_p if sampling else None,
+                max_new_tokens=self.settings.max_new_tokens,
+                num_return_sequences=n,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
+        samples = [self._sample(row) for row in new_tokens]
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _sample(self, token_ids: list[int]) -> Sample:
+        stop = next((i for i, token in enumerate(token_ids) if token in self.stop_ids), None)
+        kept = token_ids if stop is None else token_ids[:stop]
+        text = self._tokenizer.decode(kept, skip_special_tokens=True)
+        return Sample(
+            text=text, tokens=len(kept) + (stop is not None), finish_reason="length" if stop is None else "stop"
+        )
+
+
+class VllmBackend:
+    """vLLM offline batch generation (GPU); a LoRA adapter goes through `enable_lora`."""
+
+    def __init__(self, params: Params, model_dir: Path) -> None:
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        self.settings = params.evaluation
+        is_adapter = (model_dir / "adapter_config.json").is_file()
+        options: dict[str, Any] = {
+            "tensor_parallel_size": self.settings.tensor_parallel_size,
+            "seed": params.seed,
+            "trust_remote_code": params.base_model.trust_remote_code,
+            "dtype": params.base_model.dtype,
+        }
+        self.lora = None
+        if is_adapter:
+            rank = json.loads((model_dir / "adapter_config.json").read_text())["r"]
+            options |= {"enable_lora": True, "max_lora_rank": max(8, rank)}
+            self.lora = LoRARequest(model_dir.name, 1, str(model_dir.resolve()))
+        self.llm = LLM(model=str((paths.base_model_dir() if is_adapter else model_dir).resolve()), **options)
+
+    def tokenizer(self) -> Any:
+        return self.llm.get_tokenizer()
+
+    def generate(self, prompts: list[str], n: int, seed: int) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        sampling = SamplingParams(
+            n=n,
+            temperature=self.settings.temperature,
+            top_p=self.settings.top_p,
+            max_tokens=self.settings.max_new_tokens,
+            seed=seed,
+        )
+        outputs = self.llm.generate(prompts, sampling, lora_request=self.lora, use_tqdm=False)
+        return [
+            [Sample(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop") for c in o.outputs]
+            for o in outputs
+        ]
+
+
+BACKENDS: dict[str, type] = {"transformers": TransformersBackend, "vllm": VllmBackend}
+
+
+def batch_seed(seed: int, dataset: str, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{dataset}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def batches(items: list[Problem], size: int) -> Iterator[tuple[int, list[Problem]]]:
+    for index, start in enumerate(range(0, len(items), size)):
+        yield index, items[start : start + size]
+
+
+def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
+    """What the completions depend on; a work file made under another fingerprint is discarded."""
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    model_state = [(str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    settings = params.evaluation
+    return {
+        "model": str(model_dir),
+        "model_state": hashlib.sha256(json.dumps(model_state).encode()).hexdigest(),
+        "lang": lang,
+        "seed": params.seed,
+        "backend": settings.backend,
+        "n": settings.n,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.batch_size,
+        "limit": settings.limit,
+        "prompts": params.prompts.model_dump(),
+    }
+
+
+def finished_problems(work_file: Path, n: int) -> dict[str, list[Completion]]:
+    """Problems with all n completions in a work file; a torn last line (a kill mid-write) is dropped."""
+    done: dict[str, list[Completion]] = {}
+    if not work_file.exists():
+        return done
+    for line in work_file.read_text(encoding="utf-8").splitlines():
+        try:
+            completion = Completion.model_validate_json(line)
+        except ValueError:
+            continue
+        done.setdefault(completion.problem_id, []).append(completion)
+    return {pid: samples for pid, samples in done.items() if len(samples) == n}
+
+
+def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: StageRun | None = None) -> dict:
+    """Sample `evaluation.n` completions for every evaluation problem in `lang` with the regime's model."""
+    from tqdm import tqdm
+
+    settings = params.evaluation
+    model_name = model_for(regime, lang)
+    model_dir = paths.model_dir(model_name)
+    if not model_dir.is_dir():
+        raise GenerationError(f"model {model_name} not found at {model_dir}; run its stage first")
+    work = paths.cache_dir() / "generations" / f"{regime}-{lang}"
+    meta = fingerprint(params, model_dir, lang)
+    meta_file = work / META_FILE
+    if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
+        log.info("generation settings or model changed since the interrupted run: starting %s afresh", work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(meta_file, meta)
+
+    problem_sets = {}
+    for dataset in settings.datasets:
+        problems = read_records(paths.normalized(dataset, lang), Problem)
+        problem_sets[dataset] = problems[: settings.limit] if settings.limit else problems
+    total = sum(len(p) for p in problem_sets.values()) * settings.n
+    per_batch = max(1, settings.batch_size // settings.n)
+    backend: Backend | None = None
+    generated_tokens, reused, started = 0, 0, time.perf_counter()
+    with tqdm(total=total, desc=f"generate {regime}-{lang}", unit="completion") as progress:
+        for dataset, problems in problem_sets.items():
+            work_file = work / f"{dataset}.jsonl"
+            done = finished_problems(work_file, settings.n)
+            _rewrite(work_file, done)  # drop torn lines and partial problems before appending
+            reused += sum(len(v) for v in done.values())
+            progress.update(sum(len(v) for v in done.values()))
+            for index, batch in batches(problems, per_batch):
+                todo = [p for p in batch if p.id not in done]
+                if not todo:
+                    continue
+                if backend is None:
+                    backend = BACKENDS[settings.backend](params, model_dir)
+                texts = [prompts.generation_prompt(backend.tokenizer(), p, params.prompts, lang) for p in batch]
+                results = backend.generate(texts, settings.n, batch_seed(params.seed, dataset, index))
+                with work_file.open("a", encoding="utf-8") as handle:
+                    for problem, samples in zip(batch, results, strict=True):
+                        if problem.id in done:
+                            continue
+                        for number, sample in enumerate(samples):
+                            completion = Completion(
+                                problem_id=problem.id,
+                                model=model_name,
+                                lang=lang,
+                                sample=number,
+                                text=sample.text,
+                                tokens=sample.tokens,
+                                finish_reason=sample.finish_reason,
+                            )
+                            handle.write(completion.model_dump_json() + "\n")
+                            generated_tokens += sample.tokens
+                    handle.flush()
+                progress.update(len(todo) * settings.n)
+                elapsed = time.perf_counter() - started
+                progress.set_postfix(tokens_per_s=f"{generated_tokens / max(elapsed, 1e-9):.0f}")
+
+    summary = {
+        "regime": regime,
+        "lang": lang,
+        "model": model_name,
+        "completions": total,
+        "reused_completions": reused,
+        "tokens_generated": generated_tokens,
+        "generation_seconds": round(time.perf_counter() - started, 3),
+        "sampling": meta,
+    }
+    with atomic_directory(out) as tmp:
+        for dataset in problem_sets:
+            shutil.copyfile(work / f"{dataset}.jsonl", tmp / f"{dataset}.jsonl")
+        write_json(tmp / META_FILE, summary)
+    shutil.rmtree(work, ignore_errors=True)
+    if run is not None:
+        run.add_output(out)
+        run.add_budget(tokens_generated=generated_tokens, completions=total)
+        run.log_metrics({"tokens_generated": generated_tokens, "reused_completions": reused})
+    return summary
+
+
+def _rewrite(work_file: Path, done: dict[str, list[Completion]]) -> None:
+    with atomic_write(work_file) as handle:
+        for samples in done.values():
+            for completion in samples:
+                handle.write(completion.model_dump_json() + "\n")

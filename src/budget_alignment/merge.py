@@ -1,0 +1,100 @@
+"""The `merge` stage: mergekit over the pipeline's models (RQ5: Base + the three SFT models, linear, equal weights).
+
+Members are model names (`base`, `sft-ja`, `grpo_sft-fr`); a member stored as a LoRA adapter is applied to the
+base with mergekit's `base+adapter` syntax. Method, members, weights and method parameters come from params,
+so TIES, DARE or SLERP are one params change.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from budget_alignment import paths
+from budget_alignment.params import Params
+from budget_alignment.tracking import StageRun
+from budget_alignment.train.models import atomic_directory
+
+log = logging.getLogger(__name__)
+
+# Methods that merge task vectors relative to a base model: the first member is that base.
+METHODS_WITH_BASE = {"ties", "dare_ties", "dare_linear", "task_arithmetic", "slerp"}
+CONFIG_FILE = "merge_config.yaml"
+
+
+class MergeError(RuntimeError):
+    """A member is missing or mergekit refused the configuration."""
+
+
+def is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file()
+
+
+def member_reference(name: str) -> str:
+    """What mergekit loads for a member: a model folder, or `base+adapter` for a LoRA adapter."""
+    folder = paths.model_dir(name)
+    if not folder.is_dir():
+        raise MergeError(f"merge.members: {name!r} has no model at {folder} (run its stage first)")
+    return f"{paths.base_model_dir()}+{folder}" if is_adapter(folder) else str(folder)
+
+
+def merge_configuration(params: Params) -> dict[str, Any]:
+    """The mergekit YAML configuration for `params.merge`."""
+    settings = params.merge
+    weights = settings.weights or [1.0] * len(settings.members)
+    references = [member_reference(name) for name in settings.members]
+    config: dict[str, Any] = {
+        "merge_method": settings.method,
+        "dtype": settings.dtype,
+        # Every method but SLERP (an interpolation) takes `normalize`.
+        "parameters": ({} if settings.method == "slerp" else {"normalize": settings.normalize}) | settings.parameters,
+    }
+    members = list(zip(references, weights, strict=True))
+    if settings.method in METHODS_WITH_BASE:
+        config["base_model"] = references[0]
+        if settings.method != "slerp":
+            members = members[1:]  # the base contributes as the reference, not as a task vector
+    config["models"] = [{"model": ref, "parameters": {"weight": weight}} for ref, weight in members]
+    if settings.method == "slerp":
+        config["models"] = [{"model": ref} for ref, _ in members]
+    return config
+
+
+def merge_models(params: Params, out: Path, run: StageRun | None = None) -> dict[str, Any]:
+    """Merge the configured members into a loadable safetensors model folder at `out` (atomically)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    config = merge_configuration(params)
+    log.info("merging %s with %s", ", ".join(params.merge.members), params.merge.method)
+    options = MergeOptions(
+        copy_tokenizer=True,
+        lora_merge_cache=str(paths.cache_dir() / "lora_merge"),
+        trust_remote_code=params.base_model.trust_remote_code,
+        random_seed=params.seed,
+        safe_serialization=True,
+        write_model_card=True,
+        quiet=True,
+    )
+    try:
+        merge_config = MergeConfiguration.model_validate(config)
+    except ValueError as error:
+        raise MergeError(f"mergekit rejected the configuration built from params.merge: {error}") from None
+    with atomic_directory(out) as tmp:
+        run_merge(merge_config, str(tmp), options=options)
+        _copy_chat_files(paths.base_model_dir(), tmp)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    if run is not None:
+        run.add_output(out)
+        run.log_artifact(out / CONFIG_FILE)
+    return config
+
+
+def _copy_chat_files(base: Path, out: Path) -> None:
+    """mergekit copies the tokenizer; the chat template and generation settings come from the base too."""
+    for name in ("chat_template.jinja", "generation_config.json"):
+        if (base / name).is_file() and not (out / name).exists():
+            (out / name).write_bytes((base / name).read_bytes())

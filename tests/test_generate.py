@@ -1,0 +1,173 @@
+"""The generate stage with the transformers backend on a pico model: n samples, seeds, resume after a crash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from budget_alignment import paths
+from budget_alignment.evaluation import generate
+from budget_alignment.params import load_params
+from budget_alignment.records import Completion, Problem, read_records, write_records
+
+REPO = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
+)
+WORDS = ["<pad>", "<unk>", "<|im_end|>", "<|im_start|>", "<think>", "</think>", "A", "B", "C", "D", "1", "2"]
+
+
+def save_pico_model(folder: Path) -> None:
+    vocab = {word: i for i, word in enumerate(WORDS)}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BUDGET_ALIGNMENT_CACHE", str(tmp_path / ".cache"))
+    save_pico_model(paths.base_model_dir())
+    problems = [
+        Problem(
+            id=f"q{i}",
+            dataset="college_math",
+            lang="fr",
+            question=f"question {i}",
+            answer="B",
+            answer_type="choice",
+            choices={"A": "1", "B": "2", "C": "3", "D": "4"},
+        )
+        for i in range(5)
+    ]
+    write_records(paths.normalized("college_math", "fr"), problems)
+    return tmp_path
+
+
+def tiny_params(**evaluation):
+    params = load_params(REPO / "params.yaml")
+    settings = {
+        "datasets": ["college_math"],
+        "n": 3,
+        "k": [1, 3],
+        "max_new_tokens": 6,
+        "batch_size": 6,
+        "limit": None,
+        "temperature": 1.0,
+    } | evaluation
+    return params.model_copy(update={"evaluation": params.evaluation.model_copy(update=settings)})
+
+
+def completions(folder: Path) -> list[Completion]:
+    return read_records(folder / "college_math.jsonl", Completion)
+
+
+def test_n_samples_per_problem_deterministic_under_a_seed(project):
+    params = tiny_params()
+    out = generate.generation_dir("base", "fr")
+    summary = generate.generate_for_regime(params, "base", "fr", out)
+    first = completions(out)
+    assert len(first) == 5 * 3
+    assert {(c.problem_id, c.sample) for c in first} == {(f"q{i}", s) for i in range(5) for s in range(3)}
+    assert all(c.model == "base" and c.lang == "fr" and 1 <= c.tokens <= 6 for c in first)
+    assert {c.finish_reason for c in first} <= {"stop", "length"}
+    assert summary["tokens_generated"] == sum(c.tokens for c in first)
+    assert json.loads((out / generate.META_FILE).read_text())["sampling"]["n"] == 3
+    assert len({c.text for c in first}) > 1  # sampling, not one repeated string
+
+    generate.generate_for_regime(params, "base", "fr", out)
+    assert completions(out) == first
+    assert not (project / ".cache/generations/base-fr").exists()  # work files are gone after success
+
+
+def test_a_crashed_run_resumes_without_regenerating_finished_problems(project, monkeypatch):
+    params = tiny_params()
+    reference = generate.generation_dir("base", "fr")
+    generate.generate_for_regime(params, "base", "fr", reference)
+    expected = completions(reference)
+
+    calls = []
+    original = generate.TransformersBackend.generate
+
+    def crash_on_second_batch(self, prompts, n, seed):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return original(self, prompts, n, seed)
+
+    monkeypatch.setattr(generate.TransformersBackend, "generate", crash_on_second_batch)
+    out = Path("data/generations/resumed")
+    with pytest.raises(KeyboardInterrupt):
+        generate.generate_for_regime(params, "base", "fr", out)
+    assert not out.exists()
+    work_file = project / ".cache/generations/base-fr/college_math.jsonl"
+    assert len(work_file.read_text().splitlines()) == 2 * 3  # the first batch's two problems
+    with work_file.open("a") as handle:
+        handle.write('{"problem_id": "q2", "sam')  # a torn line, as a kill mid-write leaves it
+
+    monkeypatch.setattr(generate.TransformersBackend, "generate", original)
+    resumed_calls = []
+    monkeypatch.setattr(
+        generate.TransformersBackend,
+        "generate",
+        lambda self, prompts, n, seed: resumed_calls.append(len(prompts)) or original(self, prompts, n, seed),
+    )
+    summary = generate.generate_for_regime(params, "base", "fr", out)
+    assert resumed_calls == [2, 1]  # batches 2 and 3 only
+    assert summary["reused_completions"] == 6
+    assert completions(out) == expected
+
+
+def test_changed_sampling_settings_discard_an_interrupted_run(project):
+    work = project / ".cache/generations/base-fr"
+    work.mkdir(parents=True)
+    (work / generate.META_FILE).write_text(json.dumps({"stale": True}))
+    (work / "college_math.jsonl").write_text(
+        Completion(
+            problem_id="q0", model="base", lang="fr", sample=0, text="old", tokens=1, finish_reason="stop"
+        ).model_dump_json()
+        + "\n"
+    )
+    generate.generate_for_regime(tiny_params(n=1, k=[1]), "base", "fr", generate.generation_dir("base", "fr"))
+    assert "old" not in [c.text for c in completions(generate.generation_dir("base", "fr"))]
+
+
+def test_a_missing_model_is_a_clear_error(project):
+    with pytest.raises(generate.GenerationError, match="model sft-fr not found at data/models/sft/fr"):
+        generate.generate_for_regime(tiny_params(), "sft", "fr", generate.generation_dir("sft", "fr"))
+
+
+@pytest.mark.vllm
+def test_vllm_backend_samples_n_completions(project):
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a GPU")
+    params = tiny_params(backend="vllm")
+    out = generate.generation_dir("base", "fr")
+    generate.generate_for_regime(params, "base", "fr", out)
+    assert len(completions(out)) == 15
