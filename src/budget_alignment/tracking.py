@@ -49,6 +49,11 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def mlflow_key(name: str) -> str:
+    """MLflow refuses `@` in metric names: `grpo_sft.fr.aime25.pass@10` is logged as `...pass_at_10`."""
+    return name.replace("@", "_at_")
+
+
 def git_commit() -> str | None:
     try:
         result = subprocess.run(
@@ -116,7 +121,11 @@ class StageRun:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         import mlflow
 
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        numeric = {
+            mlflow_key(k): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
         self._safely("log metrics", mlflow.log_metrics, numeric, step=step, run_id=self.run_id)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
