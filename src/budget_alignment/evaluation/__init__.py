@@ -1,0 +1,1 @@
+"""Evaluation: generating completions and scoring them."""
