@@ -73,7 +73,8 @@ class TrainingParams(Section):
     gradient_accumulation_steps: PositiveInt = 1
     # Per language, because a tokenizer can make one language twice as long as another.
     max_length: dict[str, PositiveInt] = {"default": 1024}
-    warmup_ratio: Probability = 0.0
+    # A share of the training steps (below 1: TrainingArguments reads a warmup of 1 or more as a step count).
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     lr_scheduler_type: str = "cosine"
     save_steps: PositiveInt = 50
     logging_steps: PositiveInt = 1
@@ -118,63 +119,115 @@ class BaseModelParams(Section):
 
 
 class BundledSource(Section):
+    """A set shipped inside the package: `data/bundled/{name}/{lang}.jsonl`, the same ids in every language."""
+
     kind: Literal["bundled"] = "bundled"
-    name: str
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    # null: the language the source stands for (English as a dataset's source, the target language as a
+    # human translation); set it to read another language's file.
+    lang: LangCode | None = None
 
 
 class HubDatasetSource(Section):
+    """A Hugging Face hub dataset, fetched with `datasets.load_dataset(repo_id, config, split=, revision=)`."""
+
     kind: Literal["hub"] = "hub"
     repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    # A commit hash pins the data; a branch name works but warns that the run is not reproducible.
     revision: str = Field(min_length=1)
     config: str | None = None
     split: str = "test"
-    loader: str = Field(description="name of the loader that maps the set's fields to Problem records")
+    loader: str = Field(description="name of the registered loader that maps the set's rows to Problem records")
+    # Keep rows whose column equals the value (or is one of the values of a list), e.g. {Subject: college_mathematics}.
     filters: dict[str, Any] = {}
 
 
 class LocalSource(Section):
+    """A file or folder on disk: jsonl, json, csv/tsv (with or without header), parquet or a `save_to_disk` folder."""
+
     kind: Literal["local"] = "local"
     path: str
+    # auto: from the suffix (.jsonl, .json, .csv, .tsv, .parquet; a folder is a `save_to_disk` dataset).
     format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "hf_disk"] = "auto"
     header: bool = True
-    # Problem field -> column name (or column index for headerless csv/tsv).
-    fields: dict[str, str | int] = {}
-    answer_type: Literal["math", "choice"] = "math"
+    # The split of a `save_to_disk` DatasetDict (a plain Dataset folder needs none).
+    split: str | None = None
+    # `fields` maps columns with `fields`; any other registered loader (mmlu, mmlu_pro, math500, ...) reads the
+    # file as if it came from the hub.
+    loader: str = "fields"
+    # Problem field -> column name, or column index for a headerless csv/tsv. `choices` may name one column holding
+    # a list or mapping, or a list of columns (one per letter). Without `id`, ids are the row numbers after filters.
+    fields: dict[str, str | int | list[str | int]] = {}
+    # null: `choice` when `choices` is mapped, else `math`.
+    answer_type: Literal["math", "choice"] | None = None
     filters: dict[str, Any] = {}
 
 
 DataSource = Annotated[BundledSource | HubDatasetSource | LocalSource, Field(discriminator="kind")]
 
 
-class TranslationParams(Section):
-    """Per language: an existing human translation, or machine translation of the English records."""
+class MachineTranslationParams(Section):
+    """How English records are machine-translated (where a dataset's `translation.<lang>` asks for `machine`)."""
 
-    human: dict[str, DataSource] = {}
+    backend: Literal["openai", "vllm", "transformers"] = "openai"
+    # A served model name (openai), or a hub id or local folder (vllm, transformers).
+    model: str = ""
+    base_url: str | None = None
+    # Name of the environment variable holding the key; the key itself never enters params, logs or the cache.
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    # HTTP: attempts after a 429, a 5xx or a timeout, waiting backoff_s, then twice as long each time (at most 60 s).
+    max_retries: Annotated[int, Field(ge=0)] = 5
+    backoff_s: Annotated[float, Field(ge=0)] = 1.0
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    concurrency: PositiveInt = 4
+    # Part of the cache key: a new prompt version translates everything again.
+    prompt_version: str = "v1"
+    # Reasoning chains are split at paragraph boundaries into chunks of at most this many characters.
+    max_chars_per_chunk: PositiveInt = 4000
+    # Asking again for a chunk whose reply lost or altered a protected span (math, numbers, code, ...).
+    validation_retries: Annotated[int, Field(ge=0)] = 2
+    # Local backends (vllm, transformers).
+    max_new_tokens: PositiveInt = 4096
+    batch_size: PositiveInt = 64
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class TranslationParams(Section):
+    """How one dataset gets into one language: an existing human translation, or machine translation.
+
+    Profiles write `machine: ${translate}` so that the DVC stage of this (dataset, language) tracks the machine
+    translation settings only where it uses them.
+    """
+
+    human: DataSource | None = None
+    machine: MachineTranslationParams | None = None
+    # How human-translated records find their English original: the same id, or the same row position.
+    align_by: Literal["id", "position"] = "id"
+    # Bounds of translated / English characters over a record's text (Japanese runs about half as long).
+    min_length_ratio: Annotated[float, Field(gt=0)] = 0.2
+    max_length_ratio: Annotated[float, Field(gt=0)] = 5.0
+
+    @model_validator(mode="after")
+    def _one_method(self) -> TranslationParams:
+        if (self.human is None) == (self.machine is None):
+            raise ValueError("give exactly one of `human` (an existing translation) or `machine`")
+        if self.min_length_ratio >= self.max_length_ratio:
+            raise ValueError("min_length_ratio: must be below max_length_ratio")
+        return self
 
 
 class DatasetParams(Section):
     role: Literal["sft", "grpo", "eval"]
     source: DataSource
-    translation: TranslationParams = TranslationParams()
+    # One entry per target language (every language in `languages`).
+    translation: dict[LangCode, TranslationParams] = {}
     limit: int | None = Field(default=None, gt=0)
 
 
-class MachineTranslationParams(Section):
-    backend: Literal["openai", "vllm", "transformers"] = "openai"
-    model: str = ""
-    base_url: str | None = None
-    # Name of the environment variable holding the key; the key itself never enters params or logs.
-    api_key_env: str = "OPENAI_API_KEY"
-    temperature: Annotated[float, Field(ge=0)] = 0.0
-    max_retries: Annotated[int, Field(ge=0)] = 5
-    timeout_s: Annotated[float, Field(gt=0)] = 120.0
-    prompt_version: str = "v1"
-    max_chars_per_chunk: PositiveInt = 4000
-    min_length_ratio: Annotated[float, Field(gt=0)] = 0.3
-    max_length_ratio: Annotated[float, Field(gt=0)] = 3.0
-
-
 class NormalizeLangParams(Section):
+    """The blog's "Lightweight fixes", each a rule of data/normalize.py switched on per language."""
+
     halfwidth_digits: bool = False
     halfwidth_operators: bool = False
     strip_thousand_separators: bool = False
@@ -183,22 +236,52 @@ class NormalizeLangParams(Section):
     decimal_comma: bool = False
 
 
+def data_section_errors(params: Params) -> list[str]:
+    """Rules across `languages`, `datasets`, `translate` and `normalize` (the data stages' parameters)."""
+    errors = []
+    for name, dataset in params.datasets.items():
+        for lang in sorted(set(params.languages) - set(dataset.translation)):
+            errors.append(
+                f"datasets.{name}.translation.{lang}: missing; give {{human: <source>}} or {{machine: ${{translate}}}}"
+            )
+        for lang in sorted(set(dataset.translation) - set(params.languages)):
+            errors.append(f"datasets.{name}.translation.{lang}: {lang!r} is not in languages")
+        for lang, entry in dataset.translation.items():
+            if entry.machine is not None and entry.machine != params.translate:
+                errors.append(
+                    f"datasets.{name}.translation.{lang}.machine: differs from `translate`; it is the copy DVC "
+                    "tracks: compose params.yaml from conf/ (`budget-align compose-params`) instead of editing it"
+                )
+    missing = sorted({*params.languages, "en"} - set(params.normalize))
+    if missing:
+        errors.append(f"normalize: no entry for {missing}; every language is normalized, English included")
+    return errors
+
+
 # --- scoring and evaluation ----------------------------------------------------------------------------------------
 
 
 class LanguageCheckParams(Section):
-    """Thresholds of the language-consistency judgement (metric and reward alike)."""
+    """Thresholds of the language-consistency judgement (metric and reward alike); see scoring/language.py."""
 
     # A span with fewer letters than this, once math, code and numbers are removed, cannot be judged: consistent.
     min_letters: PositiveInt = 20
-    # Segments are judged one by one; a segment shorter than this (in letters) is merged into its neighbour.
-    min_segment_letters: PositiveInt = 40
+    # Segments are judged one by one; a segment shorter than this (in letters) is merged with the next one.
+    # French, Spanish and English are told apart reliably from about 40 letters on; 60 (one or two sentences)
+    # judges a 2,000-token chain a third faster than 40 and still catches a two-sentence switch.
+    min_segment_letters: PositiveInt = 60
     # A span follows when at least this share of its letters sits in segments of the target language.
     min_target_share: Probability = 0.9
+    # Japanese needs kana: at least this share of a segment's Japanese-script letters (Han without kana is Chinese).
+    min_kana_share: Probability = 0.1
+    # Languages lingua may choose among besides the target (only those in the target's script are used; the
+    # others are told apart by script). Each one more costs speed: three run about twice as fast as six.
+    candidates: list[LangCode] = ["en", "fr", "es"]
 
 
 class ScoringParams(Section):
     language: LanguageCheckParams = LanguageCheckParams()
+    # Bounds math-verify's parsing and comparison of one answer (signal-based: active in a process's main thread).
     math_verify_timeout_s: PositiveInt = 5
     workers: int = Field(default=0, ge=0, description="0: one per CPU core")
 
@@ -235,6 +318,8 @@ class PromptParams(Section):
 
 
 class GrpoParams(Section):
+    # The math problems GRPO trains on (a dataset with role `grpo`), in the stage's language.
+    dataset: str = "math"
     init: list[Literal["base", "sft"]] = ["base", "sft"]
     clip_low: Probability = 0.2
     clip_high: Probability = 0.28
@@ -296,6 +381,11 @@ class MergeParams(Section):
         return self
 
 
+class ReportParams(Section):
+    # The accuracy axis of the Pareto analysis and the dominance count.
+    accuracy_metric: str = Field(default="pass@1", pattern=r"^pass@\d+$")
+
+
 class TrackingParams(Section):
     experiment: str = "budget-alignment"
     enabled: bool = True
@@ -319,6 +409,7 @@ class Params(Section):
     grpo: GrpoParams = GrpoParams()
     merge: MergeParams = MergeParams()
     evaluation: EvaluationParams
+    report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")
@@ -332,12 +423,9 @@ class Params(Section):
                 errors.append(f"languages: {lang!r} is not a language the language checker knows")
         if "en" in self.languages:
             errors.append("languages: list the target languages only; English is the reference language")
-        for name, dataset in self.datasets.items():
+        for name in self.datasets:
             if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
                 errors.append(f"datasets.{name}: dataset names are lowercase identifiers")
-            unknown = sorted(set(dataset.translation.human) - set(self.languages))
-            if unknown:
-                errors.append(f"datasets.{name}.translation.human: {unknown} not in languages")
         self._check_dataset_role(errors, "sft.dataset", self.sft.dataset, "sft")
         if self.base_model.reasoning_prior:
             self._check_dataset_role(errors, "base_model.reasoning_prior.dataset", self.base_model.reasoning_prior.dataset, "sft")
@@ -348,6 +436,7 @@ class Params(Section):
         unknown_norm = sorted(set(self.normalize) - set(self.languages) - {"en"})
         if unknown_norm:
             errors.append(f"normalize: {unknown_norm} not in languages")
+        errors.extend(data_section_errors(self))
         generation_batch = (
             self.grpo.per_device_batch_size * self.grpo.gradient_accumulation_steps * self.compute.num_processes
         )
@@ -361,6 +450,8 @@ class Params(Section):
                 errors.append(f"merge.members: {member!r} is not a model of this pipeline ({', '.join(self.model_names())})")
         if self.merge.members and self.merge.members[0] != "base" and self.merge.method in ("ties", "dare_ties", "task_arithmetic"):
             errors.append(f"merge.members: {self.merge.method} needs `base` first (it is the base model)")
+        if int(self.report.accuracy_metric.removeprefix("pass@")) not in self.evaluation.k:
+            errors.append(f"report.accuracy_metric: {self.report.accuracy_metric} needs its k in evaluation.k")
         if errors:
             raise ValueError("\n".join(errors))
         return self

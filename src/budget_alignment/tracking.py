@@ -129,10 +129,11 @@ class StageRun:
         self._safely("log metrics", mlflow.log_metrics, numeric, step=step, run_id=self.run_id)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
         import mlflow
 
-        client = mlflow.MlflowClient()
-        self._safely("log artifact", client.log_artifact, self.run_id, str(path), artifact_path)
+        self._safely("log artifact", mlflow.MlflowClient().log_artifact, self.run_id, str(path), artifact_path)
 
     def add_output(self, path: str | Path) -> None:
         self.outputs.append(Path(path))

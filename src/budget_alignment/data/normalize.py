@@ -1,0 +1,325 @@
+"""Stage `normalize@{dataset}-{lang}`: the blog's "Lightweight fixes" as named rules, switched per language.
+
+Each rule is a function `(text, lang) -> text` registered under the name of its switch in `normalize.<lang>`
+(params.py `NormalizeLangParams`), applied in registration order to the question, the choice texts and the solution
+(never to code, never to choice letters). Gold answers come from English, so only the width rules, which cannot
+change a value, touch them; a math answer like `-2,1` is a list, not a decimal. Every rule is idempotent:
+normalizing twice changes nothing.
+
+Units table (`consistent_units`, Japanese, only right after a number; the number and the symbol are written
+together, as Japanese texts write `3cm`):
+
+    キロメートル ｋｍ ㎞ -> km    センチメートル ｃｍ ㎝ -> cm    ミリメートル ｍｍ ㎜ -> mm    メートル ｍ -> m
+    キログラム ｋｇ ㎏ -> kg      グラム ｇ -> g                 ミリグラム ｍｇ ㎎ -> mg
+    リットル Ｌ ℓ -> L           ミリリットル ｍＬ ｍｌ ㎖ -> mL
+    平方キロメートル -> km²       平方メートル ㎡ -> m²          平方センチメートル ㎠ -> cm²
+    立方メートル ㎥ -> m³         立方センチメートル ㎤ -> cm³
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from budget_alignment import paths
+from budget_alignment.params import NormalizeLangParams, Params
+from budget_alignment.records import Problem, RecordError, read_records, write_records
+
+if TYPE_CHECKING:
+    from budget_alignment.tracking import StageRun
+
+log = logging.getLogger(__name__)
+
+
+class NormalizeError(RuntimeError):
+    """The stage cannot run: a missing input or a language without rules in params."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    apply: Callable[[str, str], str]
+    # Also applied to a math gold answer (only rules that cannot change its value).
+    on_answer: bool
+
+
+RULES: dict[str, Rule] = {}
+
+
+def rule(name: str, *, on_answer: bool = False) -> Callable[[Callable[[str, str], str]], Callable[[str, str], str]]:
+    if name not in NormalizeLangParams.model_fields:
+        raise ValueError(f"rule {name!r} has no switch in NormalizeLangParams")
+
+    def register(function: Callable[[str, str], str]) -> Callable[[str, str], str]:
+        RULES[name] = Rule(name, function, on_answer)
+        return function
+
+    return register
+
+
+# Languages that write 0,5 for one half (and so separate thousands with spaces, or dots in Spain, never commas).
+DECIMAL_COMMA_LANGUAGES = frozenset({"fr", "es", "de", "it", "pt", "ru", "pl", "nl", "tr", "id", "vi"})
+
+# Code is never normalized: ``` blocks, `inline code`, [asy] figures.
+_CODE = re.compile(r"```.*?(?:```|\Z)|`[^`\n]+`|\[asy\].*?(?:\[/asy\]|\Z)", re.DOTALL)
+_MATH = re.compile(r"\$\$.+?\$\$|\\\[.+?\\\]|\\\(.+?\\\)|(?<!\\)\$(?:[^$\\]|\\.)+?(?<!\\)\$", re.DOTALL)
+
+
+def _outside(pattern: re.Pattern[str], text: str, function: Callable[[str], str]) -> str:
+    """Apply `function` to the parts of `text` that `pattern` does not match."""
+    pieces, last = [], 0
+    for match in pattern.finditer(text):
+        pieces.append(function(text[last : match.start()]))
+        pieces.append(match.group())
+        last = match.end()
+    pieces.append(function(text[last:]))
+    return "".join(pieces)
+
+
+# --- width ---------------------------------------------------------------------------------------------------------
+
+_FULLWIDTH_DIGITS = str.maketrans("０１２３４５６７８９", "0123456789")
+_FULLWIDTH_OPERATORS = str.maketrans(
+    {"＋": "+", "－": "-", "−": "-", "＝": "=", "＜": "<", "＞": ">", "／": "/", "＊": "*", "＾": "^", "％": "%"}
+)
+_FULLWIDTH_DECIMAL_POINT = re.compile(r"(?<=\d)．(?=\d)")
+# Full-width brackets around ASCII math, e.g. （3+4）; Japanese prose in brackets （注） keeps them.
+_FULLWIDTH_MATH_BRACKETS = re.compile(r"（([0-9A-Za-z+\-*/^=<>.,%\s]+)）")
+
+
+@rule("halfwidth_digits", on_answer=True)
+def halfwidth_digits(text: str, lang: str) -> str:
+    """０-９ -> 0-9 and a full-width decimal point between digits -> `.`."""
+    return _FULLWIDTH_DECIMAL_POINT.sub(".", text.translate(_FULLWIDTH_DIGITS))
+
+
+@rule("halfwidth_operators", on_answer=True)
+def halfwidth_operators(text: str, lang: str) -> str:
+    """＋ － − ＝ ＜ ＞ ／ ＊ ＾ ％ -> ASCII, and full-width brackets around ASCII math -> ( )."""
+    text = text.translate(_FULLWIDTH_OPERATORS)
+    return _FULLWIDTH_MATH_BRACKETS.sub(r"(\1)", text)
+
+
+# --- thousand separators and decimal commas ------------------------------------------------------------------------
+
+# 1,000 and 12,345,678 (also １，０００ and LaTeX's 10,\!000 and 1{,}000), not 1,2 or a list like 1,000,5.
+_COMMA_THOUSANDS = re.compile(r"(?<![\d.,，])\d{1,3}(?:(?:,\\!|\{,\}|[,，])\d{3})+(?!\d|[,，]\d)")
+# 80 000 with a space, a no-break space, a narrow no-break or thin space, or LaTeX's \, \  and ~.
+_SPACE_THOUSANDS = re.compile(
+    r"(?<![\d.,])\d{1,3}(?:(?:[ \u00a0\u202f\u2009~]|\\,|\\ )\d{3})+(?!\d|,\d{3}|[ \u00a0\u202f\u2009]\d)"
+)
+# 1.000.000 (two groups or more: a decimal has one point at most).
+_DOT_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:\.\d{3}){2,}(?![\d.]|,\d)")
+_SEPARATORS = re.compile(r",\\!|\{,\}|\\,|\\ |[,，. \u00a0\u202f\u2009~]")
+
+
+def _drop_separators(match: re.Match[str]) -> str:
+    return _SEPARATORS.sub("", match.group())
+
+
+@rule("strip_thousand_separators")
+def strip_thousand_separators(text: str, lang: str) -> str:
+    """No thousand separators: 1,000 -> 1000 (English style), 80 000 and 1.000.000 -> digits (decimal-comma style)."""
+    if lang in DECIMAL_COMMA_LANGUAGES:
+        text = _DOT_THOUSANDS.sub(_drop_separators, text)
+        return _SPACE_THOUSANDS.sub(_drop_separators, text)
+    return _COMMA_THOUSANDS.sub(_drop_separators, text)
+
+
+# A decimal comma in prose: 0,5 or 19,50, not part of a chain like 1,2,3 and never followed by a space (1, 2).
+_PROSE_DECIMAL = re.compile(r"(?<![\d.,])(\d+),(\d+)(?!\d|[.,]\d)")
+_LATEX_DECIMAL = re.compile(r"(\d)\{,\}(\d)")
+_ANY_COMMA = re.compile(r",")
+
+
+def _unambiguous_decimal(match: re.Match[str]) -> str:
+    whole, fraction = match.group(1), match.group(2)
+    # 1,234 could be English thousands left in the text; 0,125 and 3,14 cannot.
+    if len(fraction) == 3 and whole != "0":
+        return match.group()
+    return f"{whole}.{fraction}"
+
+
+def _math_decimal(span: str) -> str:
+    span = _LATEX_DECIMAL.sub(r"\1.\2", span)
+    # In math, a comma separates coordinates, arguments and list items: only a lone comma at bracket depth 0,
+    # between digits, is a decimal comma ($x = 0,5$; not $(1,2)$, $f(0,5)$ or $1,2,3$).
+    commas = [m.start() for m in _ANY_COMMA.finditer(span)]
+    if len(commas) != 1:
+        return span
+    position = commas[0]
+    depth = 0
+    for char in span[:position]:
+        depth += char in "([{"
+        depth -= char in ")]}"
+    if depth != 0:
+        return span
+    return _PROSE_DECIMAL.sub(_unambiguous_decimal, span)
+
+
+@rule("decimal_comma")
+def decimal_comma(text: str, lang: str) -> str:
+    """0,5 -> 0.5 where that is unambiguous, so numbers read (and answers verify) the same in every language."""
+
+    def prose(part: str) -> str:
+        return _PROSE_DECIMAL.sub(_unambiguous_decimal, part)
+
+    pieces, last = [], 0
+    for match in _MATH.finditer(text):
+        pieces.append(prose(text[last : match.start()]))
+        pieces.append(_math_decimal(match.group()))
+        last = match.end()
+    pieces.append(prose(text[last:]))
+    return "".join(pieces)
+
+
+# --- units ---------------------------------------------------------------------------------------------------------
+
+UNITS = {
+    "平方キロメートル": "km²",
+    "平方センチメートル": "cm²",
+    "平方メートル": "m²",
+    "立方センチメートル": "cm³",
+    "立方メートル": "m³",
+    "キロメートル": "km",
+    "センチメートル": "cm",
+    "ミリメートル": "mm",
+    "メートル": "m",
+    "キログラム": "kg",
+    "ミリグラム": "mg",
+    "グラム": "g",
+    "ミリリットル": "mL",
+    "リットル": "L",
+    "ｋｍ": "km",
+    "ｃｍ": "cm",
+    "ｍｍ": "mm",
+    "ｋｇ": "kg",
+    "ｍｇ": "mg",
+    "ｍＬ": "mL",
+    "ｍｌ": "mL",
+    "ｍ": "m",
+    "ｇ": "g",
+    "Ｌ": "L",
+    "ℓ": "L",
+    "㎞": "km",
+    "㎝": "cm",
+    "㎜": "mm",
+    "㎏": "kg",
+    "㎎": "mg",
+    "㎖": "mL",
+    "㎡": "m²",
+    "㎠": "cm²",
+    "㎥": "m³",
+    "㎤": "cm³",
+}
+# Longest names first, so センチメートル is not read as センチ + メートル; only right after a number.
+_UNIT = re.compile(r"(?<=[\d０-９])[ \u3000]*(" + "|".join(map(re.escape, sorted(UNITS, key=len, reverse=True))) + ")")
+
+
+@rule("consistent_units")
+def consistent_units(text: str, lang: str) -> str:
+    """Japanese unit names and full-width unit symbols after a number -> SI symbols (the table above)."""
+    return _UNIT.sub(lambda m: UNITS[m.group(1)], text)
+
+
+# --- Spanish math notation -----------------------------------------------------------------------------------------
+
+_GCD = re.compile(r"(?<![\w.])(?:m\.c\.d\.|M\.C\.D\.|mcd|MCD)(?!\w)")
+_LCM = re.compile(r"(?<![\w.])(?:m\.c\.m\.|M\.C\.M\.|mcm|MCM)(?!\w)")
+# "módulo" as the operation: followed by math, a number or a one-letter variable ("módulo $p$", "módulo 7",
+# "módulo n"), not the algebraic structure ("un módulo sobre $R$").
+_MODULO = re.compile(r"(?<!\w)[Mm][oó]dulo(?=\s*(?:\$|\\\(|\d|[A-Za-z](?![\w])))")
+
+
+@rule("spanish_math_notation")
+def spanish_math_notation(text: str, lang: str) -> str:
+    """mcd / m.c.d. -> gcd, mcm / m.c.m. -> lcm, módulo (the operation) -> mod."""
+    text = _GCD.sub("gcd", text)
+    text = _LCM.sub("lcm", text)
+    return _MODULO.sub("mod", text)
+
+
+# --- applying rules ------------------------------------------------------------------------------------------------
+
+
+def enabled_rules(settings: NormalizeLangParams) -> list[str]:
+    return [name for name in RULES if getattr(settings, name)]
+
+
+def normalize_text(text: str, lang: str, rules: Sequence[str]) -> str:
+    for name in rules:
+        text = _outside(_CODE, text, lambda part, name=name: RULES[name].apply(part, lang))
+    return text
+
+
+def normalize_problem(problem: Problem, rules: Sequence[str]) -> Problem:
+    lang = problem.lang
+    answer = problem.answer
+    if problem.answer_type == "math":
+        answer = normalize_text(answer, lang, [name for name in rules if RULES[name].on_answer])
+    choices = None
+    if problem.choices is not None:
+        choices = {letter: normalize_text(text, lang, rules) for letter, text in problem.choices.items()}
+    return problem.model_copy(
+        update={
+            "question": normalize_text(problem.question, lang, rules),
+            "answer": answer,
+            "choices": choices,
+            "solution": normalize_text(problem.solution, lang, rules) if problem.solution else problem.solution,
+            "provenance": {**problem.provenance, "normalize": {"lang": lang, "rules": list(rules)}},
+        }
+    )
+
+
+def rule_counts(problems: Sequence[Problem], rules: Sequence[str]) -> dict[str, int]:
+    """How many records each rule changes (applied alone), for the stage's metrics."""
+    counts = {}
+    for name in rules:
+        counts[name] = sum(
+            normalize_problem(p, [name]).model_dump(exclude={"provenance"}) != p.model_dump(exclude={"provenance"})
+            for p in problems
+        )
+    return counts
+
+
+def normalize_dataset(params: Params, dataset: str, lang: str, run: StageRun | None = None) -> list[Problem]:
+    """Stage `normalize@{dataset}-{lang}`: what training and evaluation read, to `paths.normalized(dataset, lang)`.
+
+    English reads the ingested records; other languages their translation. Both are checked against English.
+    """
+    from budget_alignment.data import contracts
+
+    if dataset not in params.datasets:
+        raise NormalizeError(f"dataset {dataset!r} is not in params (datasets: {', '.join(params.datasets)})")
+    if lang not in params.normalize:
+        raise NormalizeError(f"normalize has no entry for {lang!r}")
+    source = paths.ingested(dataset) if lang == "en" else paths.translated(dataset, lang)
+    try:
+        english = read_records(paths.ingested(dataset), Problem)
+        records = english if lang == "en" else read_records(source, Problem)
+    except FileNotFoundError as error:
+        stage = "ingest" if lang == "en" else "translate"
+        raise NormalizeError(f"{error.filename} does not exist: run the {stage} stage of {dataset} first") from None
+    except RecordError as error:
+        raise NormalizeError(str(error)) from None
+    rules = enabled_rules(params.normalize[lang])
+    normalized = [normalize_problem(problem, rules) for problem in records]
+    counts = rule_counts(records, rules)
+    log.info(
+        "normalize %s %s: %d records; rules %s",
+        dataset,
+        lang,
+        len(normalized),
+        ", ".join(f"{k} ({v} changed)" for k, v in counts.items()) or "none",
+    )
+    stage = f"normalize@{dataset}-{lang}"
+    contracts.check_normalized(normalized, english, lang=lang, rules=rules, stage=stage, run=run)
+    output = paths.normalized(dataset, lang)
+    write_records(output, normalized)
+    if run is not None:
+        run.add_output(output)
+        run.log_metrics({"records": len(normalized), **{f"changed.{k}": v for k, v in counts.items()}})
+    return normalized

@@ -1,0 +1,207 @@
+"""The normalization rules: a table of cases per rule, real multilingual data, idempotence (hypothesis)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from budget_alignment.data.normalize import RULES, enabled_rules, normalize_problem, normalize_text
+from budget_alignment.params import NormalizeLangParams
+from budget_alignment.records import Problem
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+
+CASES = [
+    # (rule, lang, text, expected)
+    ("halfwidth_digits", "ja", "りんごが１２個あります。", "りんごが12個あります。"),
+    ("halfwidth_digits", "ja", "３．５倍", "3.5倍"),
+    ("halfwidth_digits", "ja", "答えは．です", "答えは．です"),
+    ("halfwidth_operators", "ja", "３＋４＝７", "３+4=７".replace("4", "４")),
+    ("halfwidth_operators", "ja", "x－1", "x-1"),
+    ("halfwidth_operators", "ja", "（3+4）×2", "(3+4)×2"),
+    ("halfwidth_operators", "ja", "（注）を読む", "（注）を読む"),
+    ("strip_thousand_separators", "ja", "5,000円と88,000円", "5000円と88000円"),
+    ("strip_thousand_separators", "ja", "１，０００人", "１０００人"),
+    ("strip_thousand_separators", "en", "1,234,567 and 12,5", "1234567 and 12,5"),
+    ("strip_thousand_separators", "en", "the list 1, 2, 3", "the list 1, 2, 3"),
+    ("strip_thousand_separators", "en", "$10,\\!000$ and 1{,}000", "$10000$ and 1000"),
+    ("strip_thousand_separators", "en", "1,000.5 m", "1000.5 m"),
+    ("strip_thousand_separators", "fr", "80 000 euros et 1 000 000", "80000 euros et 1000000"),
+    ("strip_thousand_separators", "fr", "12\u202f345 et 2\u00a0500", "12345 et 2500"),
+    ("strip_thousand_separators", "fr", "les nombres 3 et 100", "les nombres 3 et 100"),
+    ("strip_thousand_separators", "es", "1.000.000 de pesos y 2.5 kg", "1000000 de pesos y 2.5 kg"),
+    ("strip_thousand_separators", "fr", "$2\\,000$", "$2000$"),
+    ("decimal_comma", "fr", "Il boit 1,5 litre et paie 19,50 €.", "Il boit 1.5 litre et paie 19.50 €."),
+    ("decimal_comma", "fr", "les nombres 1, 2 et 3", "les nombres 1, 2 et 3"),
+    ("decimal_comma", "fr", "la suite 1,2,3", "la suite 1,2,3"),
+    ("decimal_comma", "fr", "1,234 est ambigu mais 0,125 ne l'est pas", "1,234 est ambigu mais 0.125 ne l'est pas"),
+    ("decimal_comma", "fr", "$x = 0,5$", "$x = 0.5$"),
+    ("decimal_comma", "fr", "$0{,}75$", "$0.75$"),
+    ("decimal_comma", "fr", "le point $(1,2)$ et $f(0,5)$", "le point $(1,2)$ et $f(0,5)$"),
+    ("decimal_comma", "es", "$\\{1,2,3\\}$", "$\\{1,2,3\\}$"),
+    ("consistent_units", "ja", "60メートル走と5キロメートル", "60m走と5km"),
+    ("consistent_units", "ja", "16平方メートルの部屋", "16m²の部屋"),
+    ("consistent_units", "ja", "3ｃｍと300グラム、2ｍｍ", "3cmと300g、2mm"),
+    ("consistent_units", "ja", "10 リットル", "10L"),
+    ("consistent_units", "ja", "メートル法とプログラム", "メートル法とプログラム"),
+    ("consistent_units", "ja", "3プログラム", "3プログラム"),
+    ("spanish_math_notation", "es", "el mcd de 12 y 18 y el m.c.m. de 4 y 6", "el gcd de 12 y 18 y el lcm de 4 y 6"),
+    ("spanish_math_notation", "es", "$\\text{mcd}(a,b)=1$", "$\\text{gcd}(a,b)=1$"),
+    ("spanish_math_notation", "es", "congruente con 3 módulo 7", "congruente con 3 mod 7"),
+    ("spanish_math_notation", "es", "módulo $p$", "mod $p$"),
+    ("spanish_math_notation", "es", "un módulo sobre $R$", "un módulo sobre $R$"),
+    ("spanish_math_notation", "es", "mcdonald y smcd", "mcdonald y smcd"),
+]
+
+
+@pytest.mark.parametrize(("rule", "lang", "text", "expected"), CASES)
+def test_rule(rule, lang, text, expected):
+    assert RULES[rule].apply(text, lang) == expected
+
+
+def test_every_switch_has_a_rule():
+    assert set(RULES) == set(NormalizeLangParams.model_fields)
+
+
+def test_code_is_never_normalized():
+    text = "Compute ```x = 1,000``` and `y = 3,5` then 2,000 apples"
+    assert normalize_text(text, "en", ["strip_thousand_separators"]) == (
+        "Compute ```x = 1,000``` and `y = 3,5` then 2000 apples"
+    )
+
+
+def _problem(**fields) -> Problem:
+    base = dict(id="p1", dataset="d", lang="fr", question="q", answer="1", answer_type="math")
+    return Problem(**{**base, **fields})
+
+
+def test_choice_letters_and_gold_letters_are_never_touched():
+    problem = _problem(
+        lang="ja",
+        question="どれですか。",
+        answer="B",
+        answer_type="choice",
+        choices={"A": "１２ｃｍ", "B": "３，０００ｍ"},
+    )
+    rules = enabled_rules(
+        NormalizeLangParams(halfwidth_digits=True, strip_thousand_separators=True, consistent_units=True)
+    )
+    out = normalize_problem(problem, rules)
+    assert out.answer == "B"
+    assert out.choices == {"A": "12cm", "B": "3000m"}
+    assert out.provenance["normalize"]["rules"] == rules
+
+
+def test_a_list_answer_is_not_read_as_a_decimal():
+    # MATH-500's answer "-2,1" lists two solutions: the decimal-comma rule leaves gold answers alone.
+    rules = enabled_rules(NormalizeLangParams(decimal_comma=True, strip_thousand_separators=True))
+    out = normalize_problem(_problem(question="Résoudre, 0,5 près.", answer="-2,1"), rules)
+    assert out.answer == "-2,1"
+    assert out.question == "Résoudre, 0.5 près."
+
+
+def test_width_rules_do_apply_to_math_answers():
+    out = normalize_problem(_problem(lang="ja", answer="１２"), ["halfwidth_digits"])
+    assert out.answer == "12"
+
+
+# --- idempotence -------------------------------------------------------------------------------------------------
+
+ALPHABET = [
+    *list("0123456789０１２３４５６７８９ ,.，．$ {}()（）+-＋－=ｍ\n\xa0\u202f"),
+    "\\,",
+    "{,}",
+    ",\\!",
+    "メートル",
+    "センチメートル",
+    "平方",
+    "グラム",
+    "mcd",
+    "m.c.m.",
+    "módulo",
+    " n",
+    "x",
+    "abc",
+    "`",
+    "```",
+]
+texts = st.lists(st.sampled_from(ALPHABET), max_size=40).map("".join)
+LANGUAGE_RULES = {
+    "ja": enabled_rules(
+        NormalizeLangParams(
+            halfwidth_digits=True, halfwidth_operators=True, strip_thousand_separators=True, consistent_units=True
+        )
+    ),
+    "fr": enabled_rules(NormalizeLangParams(strip_thousand_separators=True, decimal_comma=True)),
+    "es": enabled_rules(
+        NormalizeLangParams(strip_thousand_separators=True, decimal_comma=True, spanish_math_notation=True)
+    ),
+    "en": enabled_rules(NormalizeLangParams(strip_thousand_separators=True)),
+}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=texts, lang=st.sampled_from(sorted(LANGUAGE_RULES)))
+def test_normalizing_twice_changes_nothing(text, lang):
+    once = normalize_text(text, lang, LANGUAGE_RULES[lang])
+    assert normalize_text(once, lang, LANGUAGE_RULES[lang]) == once
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=texts, rule=st.sampled_from(sorted(RULES)), lang=st.sampled_from(["ja", "fr", "es", "en"]))
+def test_each_rule_alone_is_idempotent(text, rule, lang):
+    once = RULES[rule].apply(text, lang)
+    assert RULES[rule].apply(once, lang) == once
+
+
+# --- real data -----------------------------------------------------------------------------------------------------
+
+
+@needs_shared_data
+def test_real_french_and_spanish_mgsm():
+    for lang in ("fr", "es"):
+        with (SHARED_DATA / "mgsm" / f"mgsm_{lang}.tsv").open(encoding="utf-8") as handle:
+            questions = [row[0] for row in csv.reader(handle, delimiter="\t")]
+        rules = LANGUAGE_RULES[lang]
+        normalized = [normalize_text(q, lang, rules) for q in questions]
+        assert all(normalize_text(n, lang, rules) == n for n in normalized)
+        joined = "\n".join(normalized)
+        if lang == "fr":
+            assert "80000" in joined and "80 000" not in joined
+            assert "1.5" in joined and "19.50" in joined
+
+
+@needs_shared_data
+def test_real_japanese_has_no_fullwidth_digits_after_normalizing():
+    rules = LANGUAGE_RULES["ja"]
+    with (SHARED_DATA / "jmmlu" / "college_mathematics.csv").open(encoding="utf-8-sig") as handle:
+        cells = [cell for row in csv.reader(handle) for cell in row]
+    texts = cells + [
+        json.loads(line)["question"]
+        for level in ("low", "medium", "high", "top")
+        for line in (SHARED_DATA / "polymath" / "ja" / f"{level}.jsonl").open(encoding="utf-8")
+    ]
+    normalized = [normalize_text(t, "ja", rules) for t in texts]
+    assert not any(ch in "０１２３４５６７８９" for t in normalized for ch in t)
+    assert all(normalize_text(n, "ja", rules) == n for n in normalized)
+    assert any("km" in t for t in normalized)
+
+
+@needs_shared_data
+def test_real_spanish_polymath_notation():
+    rules = ["spanish_math_notation"]
+    lines = [
+        json.loads(line)["question"]
+        for level in ("high", "top")
+        for line in (SHARED_DATA / "polymath" / "es" / f"{level}.jsonl").open(encoding="utf-8")
+    ]
+    normalized = "\n".join(normalize_text(t, "es", rules) for t in lines)
+    assert "\\text{gcd}" in normalized and "\\text{mcd}" not in normalized
+    assert "módulo en $R$" in normalized  # the algebraic structure stays
+    assert "mod $p$" in normalized
