@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from budget_alignment import cli
+from budget_alignment import cli, tracking
 from budget_alignment.evaluation import score as scoring
 from budget_alignment.params import EvaluationParams, Params, ScoringParams, TrackingParams
 from budget_alignment.records import Completion, Problem, Score, read_records, write_records
@@ -218,10 +218,8 @@ def test_a_missing_input_is_a_clean_error(params: Params, tmp_path: Path) -> Non
 
 
 def test_tracking_metric_names_have_no_at_sign() -> None:
-    assert scoring.tracking_metrics({"quiz": {"pass@10": 0.5, "samples": 3}}) == {
-        "quiz.pass_at_10": 0.5,
-        "quiz.samples": 3.0,
-    }
+    assert tracking.mlflow_key("quiz.pass@10") == "quiz.pass_at_10"
+    assert tracking.flatten({"quiz": {"pass@10": 0.5}}) == {"quiz.pass@10": 0.5}
 
 
 # --- the process pool ----------------------------------------------------------------------------------------------

@@ -87,13 +87,246 @@ def base_model(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
     """Stage base_model: write the base model as a safetensors folder under data/models/base/."""
     from budget_alignment import paths, tracking
     from budget_alignment.train.models import ModelSourceError, materialize_base_model
+    from budget_alignment.train.trainer_setup import TrainingError
 
     params = load(params_file)
     with tracking.stage_run("base_model", params, ["base_model", "compute"]) as run:
         try:
             materialize_base_model(params, paths.base_model_dir(), run)
-        except ModelSourceError as error:
+        except (ModelSourceError, TrainingError) as error:
             fail(str(error))
+
+
+@app.command("ingest")
+def ingest(
+    dataset: Annotated[str, typer.Argument(help="A dataset name from params (`datasets.<name>`).")],
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage ingest@DATASET: load the English records from the dataset's source into data/ingested/."""
+    from budget_alignment import tracking
+    from budget_alignment.data.contracts import ContractViolation
+    from budget_alignment.data.sources import SourceError, ingest_dataset
+
+    params = load(params_file)
+    sections = [f"datasets.{dataset}.source", f"datasets.{dataset}.limit"] if dataset in params.datasets else []
+    with tracking.stage_run(f"ingest@{dataset}", params, sections) as run:
+        try:
+            ingest_dataset(params, dataset, run)
+        except (SourceError, ContractViolation) as error:
+            fail(str(error))
+
+
+@app.command("translate")
+def translate(
+    dataset: Annotated[str, typer.Argument(help="A dataset name from params (`datasets.<name>`).")],
+    lang: Annotated[str, typer.Argument(help="A target language from params (`languages`).")],
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage translate@DATASET-LANG: the human translation, or machine translation, into data/translated/."""
+    from budget_alignment import tracking
+    from budget_alignment.data.contracts import ContractViolation
+    from budget_alignment.data.sources import SourceError
+    from budget_alignment.data.translate import TranslationError, translate_dataset
+
+    params = load(params_file)
+    if dataset not in params.datasets:
+        fail(f"dataset {dataset!r} is not in params (datasets: {', '.join(params.datasets)})")
+    if lang not in params.datasets[dataset].translation:
+        fail(f"datasets.{dataset}.translation has no entry for {lang!r}")
+    with tracking.stage_run(f"translate@{dataset}-{lang}", params, [f"datasets.{dataset}.translation.{lang}"]) as run:
+        try:
+            translate_dataset(params, dataset, lang, run)
+        except (TranslationError, SourceError, ContractViolation) as error:
+            fail(str(error))
+
+
+@app.command("normalize")
+def normalize(
+    dataset: Annotated[str, typer.Argument(help="A dataset name from params (`datasets.<name>`).")],
+    lang: Annotated[str, typer.Argument(help="A language with an entry under `normalize` (English included).")],
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage normalize@DATASET-LANG: the per-language normalization rules, into data/normalized/."""
+    from budget_alignment import tracking
+    from budget_alignment.data.contracts import ContractViolation
+    from budget_alignment.data.normalize import NormalizeError, normalize_dataset
+
+    params = load(params_file)
+    if lang not in params.normalize:
+        fail(f"normalize has no entry for {lang!r} (languages: {', '.join(params.normalize)})")
+    with tracking.stage_run(f"normalize@{dataset}-{lang}", params, [f"normalize.{lang}"]) as run:
+        try:
+            normalize_dataset(params, dataset, lang, run)
+        except (NormalizeError, ContractViolation) as error:
+            fail(str(error))
+
+
+@app.command("sft")
+def sft(
+    lang: Annotated[str, typer.Argument(help="Target language (one of `languages`).")],
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage sft@LANG: fine-tune the base on the reasoning chains of LANG; writes data/models/sft/LANG/."""
+    from budget_alignment import paths
+    from budget_alignment.train import sft as training
+    from budget_alignment.train.trainer_setup import TrainingError, metrics_file, run_stage
+
+    params = load(params_file)
+    if lang not in params.languages:
+        fail(f"{lang!r} is not one of languages ({', '.join(params.languages)})")
+    stage = training.stage_name(lang)
+    outputs = [paths.model_dir(f"sft-{lang}"), metrics_file(stage)]
+    try:
+        run_stage(
+            stage,
+            params,
+            training.SECTIONS,
+            ["sft", lang, "--params", str(params_file)],
+            outputs,
+            lambda run: training.train_sft(params, lang, run),
+        )
+    except TrainingError as error:
+        fail(str(error))
+
+
+@app.command("grpo")
+def grpo(
+    init: Annotated[str, typer.Argument(help="Where the policy starts: base or sft.")],
+    lang: Annotated[str, typer.Argument(help="Target language (one of `languages`).")],
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage grpo@INIT-LANG: GRPO on the math problems of LANG from the base or the SFT model of LANG."""
+    from budget_alignment import paths
+    from budget_alignment.train import grpo as training
+    from budget_alignment.train.trainer_setup import TrainingError, metrics_file, run_stage
+
+    params = load(params_file)
+    if init not in ("base", "sft"):
+        fail(f"INIT must be base or sft, got {init!r}")
+    if lang not in params.languages:
+        fail(f"{lang!r} is not one of languages ({', '.join(params.languages)})")
+    stage = training.stage_name(init, lang)
+    outputs = [paths.model_dir(training.model_name(init, lang)), metrics_file(stage)]
+    try:
+        run_stage(
+            stage,
+            params,
+            training.SECTIONS,
+            ["grpo", init, lang, "--params", str(params_file)],
+            outputs,
+            lambda run: training.train_grpo(params, init, lang, run),
+        )
+    except TrainingError as error:
+        fail(str(error))
+
+
+@app.command("score")
+def score(
+    problems: Annotated[Path, typer.Argument(help="Problem records (jsonl) the completions answer.")],
+    completions: Annotated[Path, typer.Argument(help="Completion records (jsonl) of one model and language.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the Score records (jsonl).")],
+    metrics: Annotated[
+        Path | None, typer.Option(help="Where to write the metrics JSON (default: OUT with suffix .metrics.json).")
+    ] = None,
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage score: judge each completion (answer, language, format); pass@k and following rates per dataset."""
+    from budget_alignment import tracking
+    from budget_alignment.evaluation.score import ScoringError, score_files
+    from budget_alignment.io import OutputError
+    from budget_alignment.records import RecordError
+
+    params = load(params_file)
+    with tracking.stage_run("score", params, ["scoring", "evaluation.k"]) as run:
+        try:
+            results = score_files(problems, completions, out, params, metrics)
+        except (RecordError, ScoringError, OutputError, FileNotFoundError) as error:
+            fail(str(error))
+        run.add_output(out)
+        run.log_metrics(tracking.flatten(results))
+
+
+@app.command("merge")
+def merge(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage merge: mergekit over params.merge.members (Base + the SFT models, linear) into data/models/merge/."""
+    from budget_alignment import paths, tracking
+    from budget_alignment.merge import MergeError, merge_models
+
+    params = load(params_file)
+    with tracking.stage_run("merge", params, ["merge", "seed"]) as run:
+        try:
+            merge_models(params, paths.model_dir("merge"), run)
+        except MergeError as error:
+            fail(str(error))
+
+
+@app.command("generate")
+def generate(
+    regime: Annotated[str, typer.Argument(help="base, sft, grpo_base, grpo_sft or merge.")],
+    lang: Annotated[str, typer.Argument(help="The language asked in (one of `languages`, or en for the reference).")],
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage generate@REGIME-LANG: n sampled completions per evaluation problem, into data/generations/."""
+    from budget_alignment import tracking
+    from budget_alignment.evaluation.generate import (
+        PARAM_KEYS,
+        GenerationError,
+        generate_for_regime,
+        generation_dir,
+    )
+    from budget_alignment.records import RecordError
+
+    params = load(params_file)
+    if (regime, lang) not in evaluated_pairs(params):
+        fail(f"{regime}-{lang} is not evaluated with these params (evaluation.regimes, languages)")
+    with tracking.stage_run(f"generate@{regime}-{lang}", params, PARAM_KEYS) as run:
+        try:
+            generate_for_regime(params, regime, lang, generation_dir(regime, lang), run)
+        except (GenerationError, RecordError, FileNotFoundError) as error:
+            fail(str(error))
+
+
+@app.command("score-generations")
+def score_generations(
+    regime: Annotated[str, typer.Argument(help="base, sft, grpo_base, grpo_sft or merge.")],
+    lang: Annotated[str, typer.Argument(help="The language asked in (one of `languages`, or en for the reference).")],
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage score@REGIME-LANG: `score` on every cached generation of the regime, into reports/scores/."""
+    from budget_alignment import tracking
+    from budget_alignment.evaluation.score import ScoringError
+    from budget_alignment.evaluation.score import score_generations as score_all
+    from budget_alignment.records import RecordError
+
+    params = load(params_file)
+    if (regime, lang) not in evaluated_pairs(params):
+        fail(f"{regime}-{lang} is not evaluated with these params (evaluation.regimes, languages)")
+    with tracking.stage_run(f"score@{regime}-{lang}", params, ["scoring", "evaluation.k"]) as run:
+        try:
+            score_all(params, regime, lang, run)
+        except (RecordError, ScoringError, FileNotFoundError) as error:
+            fail(str(error))
+
+
+@app.command("report")
+def report(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage report: reports/metrics.json, reports/report.md, the Pareto analysis and the figures."""
+    from budget_alignment import tracking
+    from budget_alignment.report import ReportError, build_report
+
+    params = load(params_file)
+    sections = ["report", "languages", *(f"evaluation.{k}" for k in ("datasets", "regimes", "english_reference", "k"))]
+    with tracking.stage_run("report", params, sections) as run:
+        try:
+            build_report(params, run)
+        except ReportError as error:
+            fail(str(error))
+
+
+def evaluated_pairs(params) -> list[tuple[str, str]]:
+    from budget_alignment.report import evaluated_pairs as pairs
+
+    return pairs(params)
 
 
 if __name__ == "__main__":

@@ -24,16 +24,15 @@ def base_model_dir() -> Path:
 
 
 def model_dir(name: str) -> Path:
-    """`base`, `sft-ja`, `grpo_sft-fr`, `merge` -> their folders under data/models/."""
-    if name == "base":
-        return base_model_dir()
-    if name == "merge":
-        return models_dir() / "merged"
-    kind, _, lang = name.partition("-")
-    if kind == "sft":
-        return models_dir() / "sft" / lang
-    if kind.startswith("grpo_"):
-        return models_dir() / "grpo" / f"{kind.removeprefix('grpo_')}-{lang}"
+    """`base`, `merge`, `sft-ja`, `grpo_sft-fr` -> data/models/base, .../merge, .../sft/ja, .../grpo_sft/fr.
+
+    One folder per regime, so a DVC stage can depend on `data/models/${regime}` for any regime.
+    """
+    if name in ("base", "merge"):
+        return models_dir() / name
+    regime, _, lang = name.partition("-")
+    if regime in ("sft", "grpo_base", "grpo_sft") and lang:
+        return models_dir() / regime / lang
     raise ValueError(f"unknown model name {name!r}")
 
 

@@ -152,7 +152,7 @@ def load_budgets() -> dict[str, dict[str, float]]:
 def regime_of_stage(stage: str) -> str | None:
     """Which regime a stage's cost belongs to: `sft@ja` -> sft, `generate@grpo_sft-fr` -> grpo_sft, ..."""
     name, _, instance = stage.partition("@")
-    if name in ("base_model",):
+    if name in ("base_model", "generate_en", "score_en"):  # the English reference line is the Base model's
         return "base"
     if name == "merge":
         return "merge"

@@ -28,6 +28,13 @@ from budget_alignment.train.models import atomic_directory
 log = logging.getLogger(__name__)
 
 META_FILE = "generation.json"
+# The parameters a generate stage reads (dvc.yaml lists the same keys, so only they rerun it).
+PARAM_KEYS = [
+    *(f"evaluation.{key}" for key in ("datasets", "backend", "n", "temperature", "top_p", "max_new_tokens")),
+    *(f"evaluation.{key}" for key in ("batch_size", "limit", "tensor_parallel_size")),
+    "prompts",
+    "seed",
+]
 
 
 class GenerationError(RuntimeError):

@@ -18,12 +18,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from budget_alignment import paths
 from budget_alignment.io import write_json
 from budget_alignment.params import Params, ScoringParams
 from budget_alignment.records import Completion, Problem, RecordError, Score, read_records, write_records
 from budget_alignment.scoring.answers import check_answer, format_ok
 from budget_alignment.scoring.language import LanguageJudge
 from budget_alignment.scoring.passk import joint_rate, mean_pass_at_k, rate
+from budget_alignment.tracking import StageRun, flatten
 
 log = logging.getLogger(__name__)
 
@@ -169,15 +171,6 @@ def compute_metrics(
 # --- the stage -----------------------------------------------------------------------------------------------------
 
 
-def tracking_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """`{dataset: {"pass@1": x}}` -> `{"dataset.pass_at_1": x}`: MLflow refuses `@` in metric names."""
-    return {
-        f"{dataset}.{name.replace('@', '_at_')}": float(value)
-        for dataset, values in metrics.items()
-        for name, value in values.items()
-    }
-
-
 def metrics_path_for(scores_path: Path) -> Path:
     """`scores.jsonl` -> `scores.metrics.json`."""
     return scores_path.with_suffix(".metrics.json")
@@ -239,3 +232,43 @@ def score_files(
 ) -> dict[str, dict[str, Any]]:
     """Stage score with the project's parameters: `scoring` and `evaluation.k`."""
     return score_paths(problems_path, completions_path, scores_path, params.scoring, params.evaluation.k, metrics_path)
+
+
+def score_generations(
+    params: Params, regime: str, lang: str, run: StageRun | None = None
+) -> dict[str, dict[str, Any]]:
+    """Stage score@REGIME-LANG: score the cached generations of every evaluation set against its problems.
+
+    Writes data/scores/REGIME-LANG/DATASET.jsonl and the metrics of every dataset to reports/scores/REGIME-LANG.json.
+    Generation and scoring are separate stages, so a change of a scoring threshold re-scores without regenerating.
+    """
+    from budget_alignment.evaluation.generate import generation_dir
+
+    metrics: dict[str, dict[str, Any]] = {}
+    for dataset in params.evaluation.datasets:
+        problems_path = paths.normalized(dataset, lang)
+        completions_path = generation_dir(regime, lang) / f"{dataset}.jsonl"
+        problems = {problem.id: problem for problem in read_records(problems_path, Problem)}
+        completions = read_records(completions_path, Completion)
+        if not completions:
+            raise ScoringError(f"{completions_path}: no completions to score")
+        scores, by_dataset = score_completions(
+            problems, completions, completions_path, params.scoring, params.evaluation.k
+        )
+        write_records(scores_dir(regime, lang) / f"{dataset}.jsonl", scores)
+        # The problems carry their dataset's name; one file holds one dataset.
+        (values,) = by_dataset.values()
+        metrics[dataset] = values
+    write_json(metrics_file(regime, lang), metrics)
+    if run is not None:
+        run.add_output(scores_dir(regime, lang))
+        run.log_metrics(flatten(metrics))
+    return metrics
+
+
+def scores_dir(regime: str, lang: str) -> Path:
+    return paths.data_dir() / "scores" / f"{regime}-{lang}"
+
+
+def metrics_file(regime: str, lang: str) -> Path:
+    return paths.reports_dir() / "scores" / f"{regime}-{lang}.json"

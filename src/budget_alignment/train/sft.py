@@ -1,0 +1,210 @@
+"""Stage `sft@{lang}`: supervised fine-tuning on the normalized reasoning chains of one language (TRL SFTTrainer).
+
+Examples are prompt/completion pairs from `prompts.training_example`: the prompt is the chat up to the opened
+`<think>`, the completion is the reasoning, `</think>`, the answer sentence and the end-of-turn token. The loss
+covers the completion only (`completion_only_loss`), so the model learns to reason and answer, not to write
+questions. LoRA or full fine-tuning as `sft.use_lora` says.
+
+Output: `data/models/sft/{lang}/`, the PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`,
+tokenizer files) on top of `data/models/base` for LoRA, or a whole safetensors model folder for full fine-tuning
+(`trainer_setup.load_model` loads either); metrics in `reports/train/sft@{lang}.json`.
+
+`fine_tune` is the training itself; the tiny base's reasoning prior (`prior.py`) calls it too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from budget_alignment import paths, prompts
+from budget_alignment.params import ComputeParams, Params, PromptParams, TrainingParams
+from budget_alignment.records import Problem, RecordError, read_records
+from budget_alignment.tracking import StageRun
+from budget_alignment.train import trainer_setup as setup
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from trl import SFTConfig, SFTTrainer
+
+log = logging.getLogger(__name__)
+
+# The params sections the stage reads (dvc.yaml lists the same; `seed` and `profile` are always logged).
+SECTIONS = ["sft", "prompts", "compute"]
+
+
+def stage_name(lang: str) -> str:
+    return f"sft@{lang}"
+
+
+def read_problems(path: Path, what: str) -> list[Problem]:
+    if not path.is_file():
+        raise setup.TrainingError(f"{what}: {path} does not exist (run the data stages first)")
+    try:
+        problems = read_records(path, Problem)
+    except RecordError as error:
+        raise setup.TrainingError(str(error)) from None
+    if not problems:
+        raise setup.TrainingError(f"{what}: {path} holds no problems")
+    return problems
+
+
+def sft_examples(
+    problems: Sequence[Problem],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: PromptParams,
+    reasoning_from: Mapping[str, Problem] | None = None,
+) -> list[dict[str, str]]:
+    """Prompt/completion pairs; `reasoning_from` maps a problem id to the record whose reasoning is used instead."""
+    examples = []
+    for problem in problems:
+        donor = reasoning_from.get(problem.id) if reasoning_from is not None else None
+        if reasoning_from is not None and donor is None:
+            raise setup.TrainingError(f"no reasoning record for problem {problem.id}")
+        try:
+            example = prompts.training_example(tokenizer, problem, settings, reasoning_from=donor)
+        except ValueError as error:
+            raise setup.TrainingError(str(error)) from None
+        example["prompt"] = setup.without_duplicate_bos(tokenizer, example["prompt"])
+        examples.append(example)
+    return examples
+
+
+def count_truncated(examples: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+    """Examples longer than `max_length` tokens: their answer is cut off in training."""
+    texts = [example["prompt"] + example["completion"] for example in examples]
+    return sum(len(ids) > max_length for ids in tokenizer(texts)["input_ids"])
+
+
+def sft_config(
+    training: TrainingParams,
+    *,
+    stage: str,
+    max_length: int,
+    compute: ComputeParams,
+    seed: int,
+    output_dir: Path,
+    report_to: str | list[str],
+) -> SFTConfig:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **setup.common_arguments(
+            stage=stage,
+            output_dir=output_dir,
+            compute=compute,
+            seed=seed,
+            save_steps=training.save_steps,
+            logging_steps=training.logging_steps,
+            gradient_checkpointing=training.gradient_checkpointing,
+            report_to=report_to,
+        ),
+        learning_rate=training.learning_rate,
+        num_train_epochs=training.num_train_epochs,
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.per_device_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of the training steps
+        lr_scheduler_type=training.lr_scheduler_type,
+        max_length=max_length,
+        completion_only_loss=True,
+        packing=False,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def make_sft_trainer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Mapping[str, str]],
+    config: SFTConfig,
+    training: TrainingParams,
+) -> SFTTrainer:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    set_seed(config.seed)  # before the LoRA weights are drawn
+    return SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(list(examples)),
+        processing_class=tokenizer,
+        peft_config=setup.lora_config(training.lora) if training.use_lora else None,
+    )
+
+
+def fine_tune(
+    *,
+    stage: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Mapping[str, str]],
+    training: TrainingParams,
+    max_length: int,
+    compute: ComputeParams,
+    seed: int,
+    checkpoints: Path,
+    run: StageRun | None,
+) -> tuple[SFTTrainer, dict[str, Any]]:
+    """Train on prompt/completion `examples`, resuming from `checkpoints` after a crash; returns trainer, metrics."""
+    setup.apply_compute(compute)
+    truncated = count_truncated(examples, tokenizer, max_length)
+    if truncated:
+        log.warning(
+            "%s: %d of %d examples are longer than max_length %d and lose their end (the answer)",
+            stage,
+            truncated,
+            len(examples),
+            max_length,
+        )
+    config = sft_config(
+        training,
+        stage=stage,
+        max_length=max_length,
+        compute=compute,
+        seed=seed,
+        output_dir=checkpoints,
+        report_to=setup.report_to(run),
+    )
+    trainer = make_sft_trainer(model, tokenizer, examples, config, training)
+    resumed_from = setup.train_resumably(trainer, checkpoints)
+    metrics = setup.training_metrics(trainer, resumed_from) | {
+        "examples": len(examples),
+        "truncated_examples": truncated,
+        "max_length": max_length,
+    }
+    return trainer, metrics
+
+
+def train_sft(params: Params, lang: str, run: StageRun | None = None) -> dict[str, Any]:
+    """The `sft@{lang}` stage: fine-tune the base on the chains of `lang` and write the model and its metrics."""
+    stage = stage_name(lang)
+    settings = params.sft
+    data = paths.normalized(settings.dataset, lang)
+    base = setup.require_model(paths.base_model_dir(), "base model")
+    problems = read_problems(data, f"sft dataset {settings.dataset!r} ({lang})")
+    tokenizer = setup.load_tokenizer(base)
+    examples = sft_examples(problems, tokenizer, params.prompts)
+    digest = setup.fingerprint(
+        stage, settings.model_dump(mode="json"), params.prompts.model_dump(), params.seed, data, base
+    )
+    trainer, metrics = fine_tune(
+        stage=stage,
+        model=setup.load_model(base, params.base_model.dtype),
+        tokenizer=tokenizer,
+        examples=examples,
+        training=settings,
+        max_length=settings.max_length_for(lang),
+        compute=params.compute,
+        seed=params.seed,
+        checkpoints=setup.checkpoint_dir(stage, digest),
+        run=run,
+    )
+    setup.publish_model(trainer, tokenizer, paths.model_dir(f"sft-{lang}"))
+    setup.write_metrics(trainer, stage, metrics)
+    if trainer.is_world_process_zero():
+        setup.remove_checkpoints(stage)
+    return metrics

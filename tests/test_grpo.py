@@ -1,0 +1,229 @@
+"""The grpo@{init}-{lang} stage on tiny random-init models: params reach TRL unchanged, the policy learns, init=sft
+continues the SFT adapter, per-reward curves reach the stage's MLflow run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from budget_alignment import paths
+from budget_alignment.params import Params, PromptParams
+from budget_alignment.train import grpo, rewards, sft
+from budget_alignment.train import trainer_setup as setup
+from test_train_helpers import (
+    FAST_GRPO,
+    FAST_SFT,
+    composed,
+    enter_project,
+    problems,
+    tiny_model,
+    tiny_params,
+    tiny_tokenizer,
+)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    return enter_project(tmp_path, monkeypatch)
+
+
+def config_for(params: Params, tmp_path: Path, report_to="none"):
+    return grpo.grpo_config(
+        params.grpo,
+        stage="grpo@sft-ja",
+        compute=params.compute,
+        seed=params.seed,
+        output_dir=tmp_path / "checkpoints",
+        report_to=report_to,
+    )
+
+
+def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
+    # What `dvc exp run -S grpo.clip_high=0.3 ...` writes into params.yaml, composed by Hydra from conf/.
+    overrides = [
+        "grpo.clip_high=0.3",
+        "grpo.clip_low=0.15",
+        "grpo.beta=0.04",
+        "grpo.num_generations=2",
+        "grpo.loss_type=dr_grpo",
+        "grpo.scale_rewards=batch",
+        "grpo.learning_rate=3e-6",
+        "grpo.lora.r=12",
+        "grpo.reward_weights.accuracy=2.0",
+        "grpo.reward_weights.language=0.5",
+        "grpo.reward_weights.format=0.1",
+        "grpo.temperature=0.7",
+        "grpo.top_p=0.9",
+        "grpo.max_completion_length=33",
+        "grpo.mask_truncated_completions=true",
+        "grpo.per_device_batch_size=6",
+        "grpo.gradient_accumulation_steps=3",
+        "grpo.max_steps=5",
+        "grpo.save_steps=3",
+    ]
+    params = Params.model_validate(yaml.safe_load(composed(*overrides)))
+    config = config_for(params, tmp_path)
+    expected = {
+        "epsilon_high": 0.3,
+        "epsilon": 0.15,
+        "beta": 0.04,
+        "num_generations": 2,
+        "loss_type": "dr_grpo",
+        "scale_rewards": "batch",
+        "learning_rate": 3e-6,
+        "reward_weights": [2.0, 0.5, 0.1],
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "max_completion_length": 33,
+        "mask_truncated_completions": True,
+        "per_device_train_batch_size": 6,
+        "gradient_accumulation_steps": 3,
+        "max_steps": 5,
+        "save_steps": 3,
+        "use_vllm": False,
+        "seed": params.seed,
+        # STACK.md: the CPU flags when there is no GPU, whatever the profile asks for.
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+    }
+    assert {key: getattr(config, key) for key in expected} == expected
+    # The reward weights follow the order of the reward functions.
+    names = list(params.grpo.reward_weights)
+    assert [reward.__name__ for reward in rewards.build_rewards(names, params.scoring)] == names
+    assert names == ["accuracy", "language", "format"]
+    lora = setup.lora_config(params.grpo.lora)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (12, params.grpo.lora.alpha, params.grpo.lora.dropout)
+
+
+def test_vllm_settings_reach_trl(tmp_path):
+    params = tiny_params(grpo={"use_vllm": True, "vllm_mode": "server"})
+    config = config_for(params, tmp_path)
+    assert (config.use_vllm, config.vllm_mode) == (True, "server")
+    assert config.vllm_max_model_length == params.grpo.max_prompt_length + params.grpo.max_completion_length
+
+
+def varied_length(completions, **_):
+    """A reward that varies between the samples of a random model, so the advantages (and the loss) are not zero."""
+    return [float(len(completion)) for completion in completions]
+
+
+def test_a_grpo_step_changes_the_policy(tmp_path):
+    tokenizer = tiny_tokenizer()
+    params = tiny_params(grpo=FAST_GRPO)
+    dataset = grpo.grpo_dataset(problems("math", "ja", 4), tokenizer, PromptParams(), 256)
+    config = config_for(params, tmp_path)
+    # The real accuracy and language rewards, and one that varies in the place of the format reward.
+    reward_functions = [*rewards.build_rewards(["accuracy", "language"], params.scoring), varied_length]
+    trainer = grpo.make_grpo_trainer(
+        tiny_model(tokenizer), tokenizer, dataset, config, reward_functions, setup.lora_config(params.grpo.lora)
+    )
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert any(entry.get("loss") for entry in trainer.state.log_history)
+    changed = [
+        name for name, p in trainer.model.named_parameters() if name in before and not torch.equal(before[name], p)
+    ]
+    assert changed and all("lora_" in name for name in changed)
+
+
+def test_the_dataset_carries_what_the_rewards_read_and_drops_prompts_too_long():
+    tokenizer = tiny_tokenizer()
+    items = problems("math", "fr", 3)
+    dataset = grpo.grpo_dataset(items, tokenizer, PromptParams(), 10_000)
+    row = dataset[0]
+    assert row["prompt"].endswith("<|im_start|>assistant\n<think>\n") and items[0].question in row["prompt"]
+    assert (row["answer"], row["answer_type"], row["lang"], row["choices"]) == (items[0].answer, "math", "fr", "")
+    lengths = sorted(len(tokenizer(r["prompt"])["input_ids"]) for r in dataset)
+    assert len(grpo.grpo_dataset(items, tokenizer, PromptParams(), lengths[1])) == 2
+    with pytest.raises(setup.TrainingError, match="max_prompt_length"):
+        grpo.grpo_dataset(items, tokenizer, PromptParams(), 3)
+
+
+def test_tokens_generated_add_up_every_logged_generation():
+    history = [
+        {"step": 1, "completions/mean_length": 10.0},
+        {"step": 3, "completions/mean_length": 20.0},  # a log every 2 steps averages 2 generations
+        {"step": 3, "train_loss": 0.1},
+    ]
+    assert grpo.tokens_generated(history, generation_batch_size=4) == 10 * 4 + 20 * 4 * 2
+
+
+def test_init_base_puts_a_fresh_lora_on_the_base(project):
+    params = tiny_params(grpo=FAST_GRPO | {"lora": {"r": 6, "alpha": 12}})
+    model, lora, start = grpo.load_policy(params, "base", "ja")
+    assert start == paths.base_model_dir() and lora.r == 6 and not hasattr(model, "peft_config")
+
+
+def test_init_sft_continues_the_sft_adapter(project):
+    params = tiny_params(sft=FAST_SFT, grpo=FAST_GRPO)
+    sft.train_sft(params, "ja")
+    saved = load_file(paths.model_dir("sft-ja") / "adapter_model.safetensors")
+
+    model, lora, start = grpo.load_policy(params, "sft", "ja")
+    assert lora is None and start == paths.model_dir("sft-ja")
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == len(saved)
+    for name, tensor in saved.items():  # PEFT stores `...lora_A.weight`, the live model `...lora_A.default.weight`
+        live = trainable[name.replace(".weight", ".default.weight")]
+        torch.testing.assert_close(live, tensor, rtol=0, atol=0)
+    assert any(torch.count_nonzero(t) for name, t in saved.items() if "lora_B" in name)
+
+
+@pytest.mark.slow
+def test_the_grpo_stage_logs_each_reward_to_its_mlflow_run(project):
+    import mlflow
+
+    params = tiny_params(grpo=FAST_GRPO | {"max_steps": 2}, tracking={"enabled": True, "experiment": "grpo-test"})
+    stage = grpo.stage_name("base", "ja")
+    outputs = [paths.model_dir("grpo_base-ja"), setup.metrics_file(stage)]
+    setup.run_stage(stage, params, grpo.SECTIONS, [], outputs, lambda run: grpo.train_grpo(params, "base", "ja", run))
+
+    out = paths.model_dir("grpo_base-ja")
+    assert (out / "adapter_model.safetensors").is_file() and not list(out.glob("*.bin"))
+    metrics = json.loads(setup.metrics_file(stage).read_text())
+    assert metrics["global_step"] == 2 and metrics["prompts"] == 6
+    assert metrics["tokens_generated"] == 2 * 2 * 12  # 2 steps x 2 completions x 12 tokens (never ending early)
+    assert set(metrics["rewards"]) == {"accuracy", "language", "format", "total"}
+    budget = json.loads(paths.budget_file(stage).read_text())
+    assert budget["tokens_generated"] == metrics["tokens_generated"] and budget["peak_rss_bytes"] > 0
+
+    client = mlflow.MlflowClient()
+    (run,) = mlflow.search_runs(experiment_names=["grpo-test"], output_format="list")
+    assert run.info.run_name == stage and run.info.status == "FINISHED"
+    assert run.data.params["grpo.clip_high"] == str(params.grpo.clip_high)
+    for name in ("accuracy", "language", "format"):
+        history = client.get_metric_history(run.info.run_id, f"rewards/{name}/mean")
+        assert [point.step for point in history] == [1, 2]
+    assert run.data.metrics["budget.tokens_generated"] == metrics["tokens_generated"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_training_uses_bf16_and_the_profiles_checkpointing(tmp_path):
+    params = tiny_params(compute={"device": "cuda"}, grpo={"gradient_checkpointing": True})
+    config = config_for(params, tmp_path)
+    assert config.use_cpu is False and config.bf16 == torch.cuda.is_bf16_supported()
+    assert config.gradient_checkpointing is True
+
+
+def vllm_available() -> bool:
+    from trl.import_utils import is_vllm_available
+
+    return is_vllm_available() and torch.cuda.is_available()
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="needs vllm and a CUDA GPU")
+def test_a_grpo_step_with_vllm_colocated(project):
+    params = tiny_params(
+        compute={"device": "cuda"},
+        grpo=FAST_GRPO | {"use_vllm": True, "vllm_mode": "colocate"},
+    )
+    metrics = grpo.train_grpo(params, "base", "ja")
+    assert metrics["global_step"] == 1 and metrics["tokens_generated"] > 0

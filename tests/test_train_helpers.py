@@ -1,0 +1,203 @@
+"""Tiny random-init chat models and projects for the training tests (no download, no `make run`).
+
+The tokenizer is a byte-level BPE trained here on the bundled sample texts (every script the project writes), wrapped
+as a ChatML chat tokenizer like SmolLM2's; the model is a 2-layer Llama with hidden size 32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from budget_alignment import paths, prompts
+from budget_alignment.params import Params, PromptParams
+from budget_alignment.records import Problem, write_records
+
+REPO = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def bundled_rows(name: str, lang: str) -> list[dict[str, Any]]:
+    text = resources.files("budget_alignment.data").joinpath("bundled", name, f"{lang}.jsonl").read_text("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@cache
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = [
+        text
+        for name in ("chains", "math")
+        for lang in ("en", "ja", "fr", "es")
+        for row in bundled_rows(name, lang)
+        for text in (row["question"], row.get("solution") or "")
+    ]
+    corpus += [prompts.instruction(lang, "math") for lang in ("en", "ja", "fr", "es")]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer.to_str()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()), eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def tiny_model(tokenizer, seed: int = 0, hidden: int = 32):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
+    )
+    return model
+
+
+def save_tiny_model(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer, seed, hidden).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def problems(name: str, lang: str, limit: int | None = None) -> list[Problem]:
+    """Bundled items as the data stages would write them (`dataset` is the params' dataset name)."""
+    dataset = {"chains": "chains", "math": "math"}[name]
+    rows = bundled_rows(name, lang)[:limit]
+    return [Problem(dataset=dataset, lang=lang, **row) for row in rows]
+
+
+@cache
+def composed(*overrides: str) -> str:
+    """conf/ composed as `dvc exp run -S ...` composes it (the tiny profile unless overridden), as YAML text."""
+    import tempfile
+
+    from dvc.utils.hydra import compose_and_dump
+
+    conf = str(REPO / "conf")
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "params.yaml"
+        compose_and_dump(out, conf, None, "config", conf, list(overrides))
+        return out.read_text()
+
+
+def tiny_params(**sections: Any) -> Params:
+    """The tiny profile's params with some sections updated (nested keys merged), validated again."""
+    data = yaml.safe_load(composed())
+    data["tracking"]["enabled"] = False  # unless a test asks for it
+    for section, changes in sections.items():
+        target = data
+        *parents, last = section.split(".")
+        for part in parents:
+            target = target[part]
+        target[last] = {**(target.get(last) or {}), **changes} if isinstance(changes, dict) else changes
+    return Params.model_validate(data)
+
+
+FAST_SFT = {
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+    "learning_rate": 1e-2,
+    "num_train_epochs": 1,
+    "max_steps": 2,
+    "per_device_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "max_length": {"default": 256},
+    "save_steps": 1,
+    "logging_steps": 1,
+}
+FAST_GRPO = {
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+    "learning_rate": 1e-2,
+    "num_generations": 2,
+    "per_device_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "max_completion_length": 12,
+    "max_prompt_length": 256,
+    "max_steps": 1,
+    "save_steps": 1,
+    "logging_steps": 1,
+    "scale_rewards": "none",
+}
+
+
+def make_project(root: Path, langs: tuple[str, ...] = ("ja",), limit: int = 6) -> None:
+    """A project folder with a tiny base model and the normalized chains and math problems of `langs`."""
+    save_tiny_model(root / paths.base_model_dir())
+    for lang in langs:
+        write_records(root / paths.normalized("chains", lang), problems("chains", lang, limit))
+        write_records(root / paths.normalized("math", lang), problems("math", lang, limit))
+
+
+def write_params(path: Path, params: Params) -> Path:
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), allow_unicode=True))
+    return path
+
+
+def enter_project(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny project made the working directory, its checkpoints under it (the test modules' `project` fixture)."""
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("BUDGET_ALIGNMENT_CACHE", str(root / ".cache"))
+    make_project(root)
+    return root
+
+
+def subprocess_env(root: Path) -> dict[str, str]:
+    # One thread per process: the tests share two cores with the rest of the suite.
+    return {**os.environ, "BUDGET_ALIGNMENT_CACHE": str(root / ".cache"), "OMP_NUM_THREADS": "1"}
+
+
+# --- the helpers themselves -----------------------------------------------------------------------------------------
+
+
+def test_tiny_tokenizer_round_trips_every_script_and_renders_chatml():
+    tokenizer = tiny_tokenizer()
+    text = "さくらさんは 12 個。Léa a 5 pommes. ¿Cuánto? \\boxed{15}"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    problem = problems("chains", "ja", 1)[0]
+    prompt = prompts.generation_prompt(tokenizer, problem, PromptParams())
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n<think>\n")
+    assert tokenizer.convert_ids_to_tokens(tokenizer(prompt)["input_ids"])[0] == "<|im_start|>"
+
+
+def test_tiny_params_merge_nested_changes():
+    params = tiny_params(sft=FAST_SFT, grpo={"clip_high": 0.3})
+    assert params.sft.lora.r == 4 and params.sft.dataset == yaml.safe_load(composed())["sft"]["dataset"]
+    assert params.grpo.clip_high == 0.3
