@@ -49,3 +49,27 @@ def test_sft_on_two_cpu_processes_under_accelerate_launch(project):
     budget = json.loads(paths.budget_file("sft@ja").read_text())
     assert budget["tokens_trained"] == metrics["tokens_trained"]
     assert not list(paths.models_dir().glob(".*"))  # no staging or temporary folders left behind
+
+
+@pytest.mark.parametrize(
+    ("name", "distributed_type"), [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero3", "DEEPSPEED")]
+)
+def test_the_shipped_accelerate_configs_load_and_save_loadable_models(name, distributed_type):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / f"conf/accelerate/{name}.yaml"))
+    assert config.distributed_type.value == distributed_type and config.num_machines == 1
+    # The published model must be one loadable folder, not per-rank shards.
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    if name == "zero3":
+        assert config.deepspeed_config["zero3_save_16bit_model"] is True
+
+
+def test_the_relaunch_runs_the_same_command_under_accelerate_launch():
+    params = tiny_params(compute={"num_processes": 4, "accelerate_config": "conf/accelerate/zero3.yaml"})
+    command = setup.relaunch_command(params.compute, ["grpo", "sft", "fr", "--params", "p.yaml"])
+    assert command[1:] == [
+        "-m", "accelerate.commands.launch", "--config_file", "conf/accelerate/zero3.yaml", "--num_processes", "4",
+        "-m", "budget_alignment.cli", "grpo", "sft", "fr", "--params", "p.yaml",
+    ]  # fmt: skip

@@ -245,5 +245,5 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
     setup.publish_model(trainer, tokenizer, paths.model_dir(model_name(init, lang)))
     setup.write_metrics(trainer, stage, metrics)
     if trainer.is_world_process_zero():
-        setup.remove_checkpoints(stage)
+        setup.remove_checkpoints(checkpoints)
     return metrics

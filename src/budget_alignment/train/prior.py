@@ -87,6 +87,7 @@ def apply_reasoning_prior(params: Params, model_dir: Path, run: StageRun | None 
     # The converted model is rebuilt on every run (new mtimes); its source and the data identify the run.
     source = params.base_model.model_dump(mode="json", exclude={"reasoning_prior"})
     digest = setup.fingerprint(stage, source, settings.model_dump(mode="json"), params.seed, examples)
+    checkpoints = setup.checkpoint_dir(stage, digest)
     trainer, metrics = sft.fine_tune(
         stage=stage,
         model=setup.load_model(model_dir, params.base_model.dtype),
@@ -96,7 +97,7 @@ def apply_reasoning_prior(params: Params, model_dir: Path, run: StageRun | None 
         max_length=max(training.max_length_for(lang) for lang in settings.question_languages),
         compute=params.compute,
         seed=params.seed,
-        checkpoints=setup.checkpoint_dir(stage, digest),
+        checkpoints=checkpoints,
         run=run,
     )
     model = trainer.model.merge_and_unload() if training.use_lora else trainer.model
@@ -107,7 +108,7 @@ def apply_reasoning_prior(params: Params, model_dir: Path, run: StageRun | None 
     for entry in staging.iterdir():  # weights and configs replace the converted ones; the tokenizer stays
         entry.replace(model_dir / entry.name)
     shutil.rmtree(staging, ignore_errors=True)
-    setup.remove_checkpoints(stage)
+    setup.remove_checkpoints(checkpoints)
     log.info(
         "reasoning prior merged into %s (%d examples, %d steps)", model_dir, len(examples), metrics["global_step"]
     )

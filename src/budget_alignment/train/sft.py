@@ -191,6 +191,7 @@ def train_sft(params: Params, lang: str, run: StageRun | None = None) -> dict[st
     digest = setup.fingerprint(
         stage, settings.model_dump(mode="json"), params.prompts.model_dump(), params.seed, data, base
     )
+    checkpoints = setup.checkpoint_dir(stage, digest)
     trainer, metrics = fine_tune(
         stage=stage,
         model=setup.load_model(base, params.base_model.dtype),
@@ -200,11 +201,11 @@ def train_sft(params: Params, lang: str, run: StageRun | None = None) -> dict[st
         max_length=settings.max_length_for(lang),
         compute=params.compute,
         seed=params.seed,
-        checkpoints=setup.checkpoint_dir(stage, digest),
+        checkpoints=checkpoints,
         run=run,
     )
     setup.publish_model(trainer, tokenizer, paths.model_dir(f"sft-{lang}"))
     setup.write_metrics(trainer, stage, metrics)
     if trainer.is_world_process_zero():
-        setup.remove_checkpoints(stage)
+        setup.remove_checkpoints(checkpoints)
     return metrics

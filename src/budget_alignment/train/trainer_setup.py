@@ -6,7 +6,7 @@
 - **Checkpoints** go to `.cache/checkpoints/<stage>/<fingerprint>`, outside the stage's DVC output (DVC deletes an
   output before its stage runs), every `save_steps`. A rerun after a crash resumes from the last complete one; the
   fingerprint (the params the stage reads, its input data and models) makes sure a changed stage starts afresh
-  instead of resuming someone else's run. They are removed once the model is written.
+  instead of resuming another run. A run removes its own checkpoints once its model is written.
 - **Outputs.** A LoRA model is written as the PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`)
   plus the tokenizer; its `base_model_name_or_path` is the folder of the model it applies to (relative to the
   repository root). A full fine-tune is a whole safetensors model folder. `load_model` loads either.
@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -267,9 +268,11 @@ def broadcast(trainer: Trainer, value: Any) -> Any:
     return box[0]
 
 
-def remove_checkpoints(stage: str) -> None:
-    """After success: the checkpoints of this stage, including stale ones of earlier settings."""
-    shutil.rmtree(checkpoint_root(stage), ignore_errors=True)
+def remove_checkpoints(checkpoints: Path) -> None:
+    """After success: this run's checkpoints (others of the stage may belong to a run still going elsewhere)."""
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        checkpoints.parent.rmdir()  # the stage's folder, once empty
 
 
 # --- outputs -------------------------------------------------------------------------------------------------------
