@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -129,18 +128,3 @@ def test_hub_offline_mode_is_a_clear_error(tmp_path, monkeypatch):
     finally:
         monkeypatch.delenv("HF_HUB_OFFLINE")
         importlib.reload(huggingface_hub.constants)
-
-
-def test_atomic_directory_keeps_the_old_folder_when_building_fails(tmp_path):
-    out = tmp_path / "model"
-    out.mkdir()
-    (out / "weights").write_text("old")
-    with pytest.raises(RuntimeError), models.atomic_directory(out) as building:
-        (building / "weights").write_text("half")
-        raise RuntimeError("killed")
-    assert (out / "weights").read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]
-    with models.atomic_directory(out) as building:
-        (building / "weights").write_text("new")
-    assert (out / "weights").read_text() == "new"
-    shutil.rmtree(out)

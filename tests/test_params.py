@@ -90,6 +90,8 @@ INVALID = [
     ({"grpo.per_device_batch_size": 6}, "grpo.num_generations"),
     ({"profile": DELETE}, "profile"),
     ({"normalize.de": {}}, "normalize"),
+    ({"trust_remote_code": ["someone/else"]}, "trust_remote_code"),
+    ({"base_model.trust_remote_code": True}, "base_model.trust_remote_code"),
 ]
 
 

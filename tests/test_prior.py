@@ -66,6 +66,6 @@ def test_the_prior_is_merged_into_the_model_folder(tmp_path, monkeypatch):
     )
     assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])  # LoRA touches linear layers only
     assert json.loads((folder / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
-    model = setup.load_model(folder)
+    model = setup.load_model(folder, params)
     assert not torch.isnan(model(torch.tensor([[1, 2, 3]])).logits).any()
     assert not setup.checkpoint_root("base_model").exists()

@@ -131,7 +131,7 @@ def test_the_sft_stage_writes_a_loadable_adapter_and_its_metrics(project):
     assert not list(out.glob("*.bin")) and not (out / "README.md").exists()
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(paths.base_model_dir()) and config["r"] == 4
-    model = setup.load_model(out)
+    model = setup.load_model(out, params)
     assert any(torch.count_nonzero(p) for n, p in model.named_parameters() if "lora_B" in n)
 
     written = json.loads(setup.metrics_file("sft@ja").read_text())

@@ -6,8 +6,10 @@ Heavy libraries (torch, transformers, mlflow, great-expectations) are imported i
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -63,7 +65,9 @@ def check_params(
 
 @app.command("compose-params")
 def compose_params(
-    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides, e.g. profile=paper grpo.clip_high=0.24")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Hydra overrides, e.g. profile=paper grpo.clip_high=0.24")
+    ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the composed file.")] = DEFAULT_PARAMS,
     config_dir: Annotated[Path, typer.Option(help="Hydra config folder.")] = Path("conf"),
 ) -> None:
@@ -329,5 +333,31 @@ def evaluated_pairs(params) -> list[tuple[str, str]]:
     return pairs(params)
 
 
+# A write that fails for lack of space or permission, wherever it happens (an output, a checkpoint, a cache).
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def main() -> None:
+    """The console script: a full disk or an unwritable path ends a stage with one clear line, not a traceback.
+
+    Outputs are written atomically (io.py), so the previous output (or none) is still there, and finished work in
+    caches and checkpoints is kept for the rerun.
+    """
+    from budget_alignment.io import OutputError
+
+    try:
+        app()
+    except OSError as error:
+        if not isinstance(error, OutputError) and error.errno not in WRITE_FAILURES:
+            raise
+        where = f"cannot write {error.filename}: {error.strerror}" if error.filename else error.strerror
+        typer.secho(
+            f"error: {where or error}. Free space or fix the path, then rerun: finished outputs and caches are kept.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

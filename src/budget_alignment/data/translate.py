@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from budget_alignment import paths
+from budget_alignment import loading, paths
 from budget_alignment.params import MachineTranslationParams, Params, TranslationParams
 from budget_alignment.records import Problem, RecordError, read_records, write_records
 
@@ -376,14 +376,14 @@ def backend(name: str):
     return register
 
 
-def make_backend(settings: MachineTranslationParams) -> TranslationBackend:
+def make_backend(settings: MachineTranslationParams, trust_remote_code: bool = False) -> TranslationBackend:
     try:
         cls = BACKENDS[settings.backend]
     except KeyError:
         raise TranslationError(
             f"translate.backend {settings.backend!r} is unknown (known: {', '.join(BACKENDS)})"
         ) from None
-    return cls(settings)
+    return cls(settings, trust_remote_code=trust_remote_code)
 
 
 @backend("openai")
@@ -394,7 +394,8 @@ class OpenAIBackend:
     RETRY_STATUS = frozenset({408, 409, 425, 429})
     MAX_WAIT_S = 60.0
 
-    def __init__(self, settings: MachineTranslationParams) -> None:
+    def __init__(self, settings: MachineTranslationParams, trust_remote_code: bool = False) -> None:
+        del trust_remote_code  # a remote service runs no model code here
         import httpx
 
         if not settings.base_url:
@@ -500,11 +501,12 @@ class VllmBackend:
 
     name: ClassVar[str]
 
-    def __init__(self, settings: MachineTranslationParams) -> None:
+    def __init__(self, settings: MachineTranslationParams, trust_remote_code: bool = False) -> None:
         if not settings.model:
             raise TranslationError("translate.model is required by the vllm backend")
         self.settings = settings
         self.model_id = local_model_id(settings.model)
+        self.trust_remote_code = trust_remote_code
         self._llm: Any = None
 
     def _engine(self) -> Any:
@@ -513,7 +515,11 @@ class VllmBackend:
                 from vllm import LLM
             except ImportError:
                 raise TranslationError("the vllm backend needs vllm: pip install -e '.[vllm]'") from None
-            self._llm = LLM(model=self.settings.model, dtype=self.settings.dtype, seed=0)
+            if Path(self.settings.model).is_dir():
+                loading.require_safetensors(Path(self.settings.model))
+            self._llm = LLM(
+                model=self.settings.model, dtype=self.settings.dtype, seed=0, trust_remote_code=self.trust_remote_code
+            )
         return self._llm
 
     def translate(self, requests: Sequence[ChunkRequest]) -> Iterator[tuple[ChunkRequest, str]]:
@@ -539,24 +545,24 @@ class TransformersBackend:
 
     name: ClassVar[str]
 
-    def __init__(self, settings: MachineTranslationParams) -> None:
+    def __init__(self, settings: MachineTranslationParams, trust_remote_code: bool = False) -> None:
         if not settings.model:
             raise TranslationError("translate.model is required by the transformers backend")
         self.settings = settings
         self.model_id = local_model_id(settings.model)
+        self.trust_remote_code = trust_remote_code
         self._model: Any = None
         self._tokenizer: Any = None
 
     def _load(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.settings.model)
+        tokenizer = loading.load_tokenizer(self.settings.model, trust_remote_code=self.trust_remote_code)
         tokenizer.padding_side = "left"  # decoder-only batches grow to the right
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         dtype = "auto" if self.settings.dtype == "auto" else getattr(torch, self.settings.dtype)
-        model = AutoModelForCausalLM.from_pretrained(self.settings.model, dtype=dtype)
+        model = loading.load_causal_lm(self.settings.model, dtype, trust_remote_code=self.trust_remote_code)
         model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self._model, self._tokenizer = model, tokenizer
 
@@ -875,7 +881,9 @@ def translate_dataset(
         metrics: dict[str, float] = {"records": len(records), "human": 1}
     else:
         own_translator = translator is None
-        translator = translator or make_backend(params.translate)
+        translator = translator or make_backend(
+            params.translate, loading.trusts_remote_code(params, params.translate.model)
+        )
         own_cache = cache is None
         cache = cache or TranslationCache.default()
         try:

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from budget_alignment import paths, prompts
-from budget_alignment.io import atomic_write, write_json
+from budget_alignment import loading, paths, prompts
+from budget_alignment.io import atomic_directory, atomic_write, write_json
 from budget_alignment.params import Params
 from budget_alignment.records import Completion, Problem, read_records
 from budget_alignment.tracking import StageRun
-from budget_alignment.train.models import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,6 @@ class TransformersBackend:
 
     def __init__(self, params: Params, model_dir: Path) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         settings = params.evaluation
         self.settings = settings
@@ -78,15 +76,12 @@ class TransformersBackend:
         is_adapter = (model_dir / "adapter_config.json").is_file()
         weights_dir = paths.base_model_dir() if is_adapter else model_dir
         tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else paths.base_model_dir()
-        self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left")
+        trust = loading.trusts_remote_code(params)
+        self._tokenizer = loading.load_tokenizer(tokenizer_dir, trust_remote_code=trust, padding_side="left")
         dtype = getattr(torch, params.base_model.dtype) if self.device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(
-            weights_dir, dtype=dtype, trust_remote_code=params.base_model.trust_remote_code, use_safetensors=True
-        )
+        model = loading.load_causal_lm(weights_dir, dtype, trust_remote_code=trust)
         if is_adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, model_dir)
+            model = loading.load_adapter(model, model_dir)
         self.model = model.to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(
@@ -139,10 +134,11 @@ class VllmBackend:
         options: dict[str, Any] = {
             "tensor_parallel_size": self.settings.tensor_parallel_size,
             "seed": params.seed,
-            "trust_remote_code": params.base_model.trust_remote_code,
+            "trust_remote_code": loading.trusts_remote_code(params),
             "dtype": params.base_model.dtype,
         }
         self.lora = None
+        loading.require_safetensors(model_dir)
         if is_adapter:
             rank = json.loads((model_dir / "adapter_config.json").read_text())["r"]
             options |= {"enable_lora": True, "max_lora_rank": max(8, rank)}

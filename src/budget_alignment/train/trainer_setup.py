@@ -28,10 +28,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from budget_alignment import paths, tracking
-from budget_alignment.io import write_json
+from budget_alignment import loading, paths, tracking
+from budget_alignment.io import atomic_directory, write_json
 from budget_alignment.params import ComputeParams, LoraParams, Params
-from budget_alignment.train.models import atomic_directory
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -152,21 +151,19 @@ def require_model(folder: Path, what: str) -> Path:
     return folder
 
 
-def load_model(folder: Path, dtype: str = "float32", *, trainable: bool = False) -> PreTrainedModel:
+def load_model(folder: Path, params: Params, *, trainable: bool = False) -> PreTrainedModel:
     """A model folder or a LoRA adapter folder (on top of the model it names), ready to train or generate.
 
-    `trainable` leaves an adapter's weights trainable (GRPO from SFT continues the SFT adapter).
+    `trainable` leaves an adapter's weights trainable (GRPO from SFT continues the SFT adapter). Safetensors only;
+    remote code only when params trust the base model (loading.py).
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     folder = require_model(folder, "model")
     if is_adapter(folder):
-        from peft import PeftModel
-
-        base = load_model(adapter_base(folder), dtype)
-        return PeftModel.from_pretrained(base, folder, is_trainable=trainable)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+        return loading.load_adapter(load_model(adapter_base(folder), params), folder, trainable=trainable)
+    dtype = getattr(torch, params.base_model.dtype)
+    return loading.load_causal_lm(folder, dtype, trust_remote_code=loading.trusts_remote_code(params))
 
 
 def without_duplicate_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
@@ -181,10 +178,8 @@ def without_duplicate_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
     return text
 
 
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+def load_tokenizer(folder: Path, params: Params) -> PreTrainedTokenizerBase:
+    tokenizer = loading.load_tokenizer(folder, trust_remote_code=loading.trusts_remote_code(params))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

