@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,17 @@ def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1800) -> subprocess
     return result
 
 
+# Credentials a user has in the environment: none may reach anything the pipeline writes (see the last test).
+PLANTED_SECRETS = {
+    "OPENAI_API_KEY": "sk-planted-5f0c3e9a1b7d4e26a8c1",
+    "HF_TOKEN": "hf_plantedQ8mZ2xV7kL4nR9tW3yB6",
+    "AWS_SESSION_TOKEN": "planted-session-7c2e9f4a0d1b",
+}
+
+
 def project_env(root: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env |= {
+    env |= PLANTED_SECRETS | {
         "PATH": f"{BIN}:{env['PATH']}",
         "PYTHONPATH": str(root / "src"),
         # The model wheel is a download, not pipeline work: share the checkout's copy.
@@ -102,9 +111,12 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     run([str(BIN / "budget-align"), "compose-params", *OVERRIDES], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "micro project"], root, env)
+    (root.parent / "logs").mkdir()
+    (root.parent / "logs/started").touch()  # what the pipeline writes is newer than this
     started = time.perf_counter()
     result = run([str(BIN / "dvc"), "repro"], root, env)
     print(f"micro dvc repro: {time.perf_counter() - started:.0f} s, {len(stages_ran(result.stdout))} stages")
+    (root.parent / "logs/repro.log").write_text(result.stdout + result.stderr)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "pipeline run"], root, env)
     return root, env
@@ -256,23 +268,159 @@ def test_an_s3_remote_shares_every_output(project, s3_remote, tmp_path):
         run([str(BIN / "dvc"), "remote", "remove", "--local", "s3team"], root, env)
 
 
-def test_exp_run_of_one_grpo_knob_reruns_only_grpo_and_below(project):
+GRPO_SUBTREE = {
+    "grpo@base-ja",
+    "grpo@sft-ja",
+    "generate@grpo_base-ja",
+    "generate@grpo_sft-ja",
+    "score@grpo_base-ja",
+    "score@grpo_sft-ja",
+    "report",
+}
+
+
+def dvc(root: Path, env: dict, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    return run([str(BIN / "dvc"), *args], root, env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def queued_experiments(project) -> dict[str, float]:
+    """Two experiments queued with different grpo.clip_high and run by `dvc queue start` (README word for word)."""
     root, env = project
-    overrides = [arg for override in [*OVERRIDES, "grpo.clip_high=0.3"] for arg in ("-S", override)]
-    result = run([str(BIN / "dvc"), "exp", "run", "-n", "clip-0.3", *overrides], root, env)
-    ran = stages_ran(result.stdout)
-    # The GRPO models change, so their generations are redone; scores and the report rerun only where the
-    # generations' content changed (DVC compares hashes), so they may be skipped.
-    assert {"grpo@base-ja", "grpo@sft-ja", "generate@grpo_base-ja", "generate@grpo_sft-ja"} <= ran
-    assert ran <= {
-        "grpo@base-ja",
-        "grpo@sft-ja",
-        "generate@grpo_base-ja",
-        "generate@grpo_sft-ja",
-        "score@grpo_base-ja",
-        "score@grpo_sft-ja",
-        "report",
-    }
-    assert "clip_high: 0.3" in (root / "params.yaml").read_text()
-    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], root, env).stdout)
-    assert "clip-0.3" in json.dumps(shown)
+    experiments = {"clip-0.24": 0.24, "clip-0.3": 0.3}
+    for name, clip in experiments.items():
+        overrides = [arg for override in [*OVERRIDES, f"grpo.clip_high={clip}"] for arg in ("-S", override)]
+        dvc(root, env, "exp", "run", "--queue", "-n", name, *overrides)
+    dvc(root, env, "queue", "start", "--jobs", "1")
+    deadline = time.monotonic() + 1800
+    while True:
+        status = dvc(root, env, "queue", "status").stdout
+        if not any(state in status for state in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert all(f"{name}" in status and "Success" in status for name in experiments), status
+    (root.parent / "logs/queue.log").write_text(
+        "\n".join(dvc(root, env, "queue", "logs", name).stdout for name in experiments)
+    )
+    return experiments
+
+
+def test_a_queued_experiment_reruns_only_grpo_and_below(project, queued_experiments):
+    root, env = project
+    for name in queued_experiments:
+        ran = stages_ran(dvc(root, env, "queue", "logs", name).stdout)
+        # The GRPO models change, so their generations are redone; scores and the report rerun only where the
+        # generations' content changed (DVC compares hashes), so they may be skipped.
+        assert {"grpo@base-ja", "grpo@sft-ja", "generate@grpo_base-ja", "generate@grpo_sft-ja"} <= ran, name
+        assert ran <= GRPO_SUBTREE, name
+    shown = json.dumps(json.loads(dvc(root, env, "exp", "show", "--json").stdout))
+    assert all(name in shown for name in queued_experiments)
+    assert "clip_high: 0.28" in (root / "params.yaml").read_text()  # the workspace is left as it was
+
+
+@pytest.fixture
+def mlflow_server(project):
+    """`mlflow server` on 127.0.0.1 over the repository's sqlite store, as `make ui` starts it."""
+    root, env = project
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--workers", "1"],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def rest(url: str, endpoint: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{endpoint}",
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_queued_experiments_compare_side_by_side_through_the_mlflow_server(queued_experiments, mlflow_server):
+    experiment = rest(mlflow_server, "experiments/get-by-name?experiment_name=budget-alignment")["experiment"]
+    found = {}
+    for stage in ("grpo@sft-ja", "report"):
+        runs = rest(
+            mlflow_server,
+            "runs/search",
+            {"experiment_ids": [experiment["experiment_id"]], "filter": f"tags.stage = '{stage}'", "max_results": 100},
+        )["runs"]
+        for found_run in runs:
+            tags = {t["key"]: t["value"] for t in found_run["data"].get("tags", [])}
+            if tags.get("dvc_exp_name") in queued_experiments:
+                params = {p["key"]: p["value"] for p in found_run["data"].get("params", [])}
+                metrics = {m["key"]: m["value"] for m in found_run["data"].get("metrics", [])}
+                found[(tags["dvc_exp_name"], stage)] = (params, metrics)
+    for name, clip in queued_experiments.items():
+        params, metrics = found[(name, "grpo@sft-ja")]
+        assert float(params["grpo.clip_high"]) == clip
+        assert "train_loss" in metrics or any(key.startswith("rewards") for key in metrics), sorted(metrics)
+        _, report_metrics = found[(name, "report")]
+        assert 0.0 <= report_metrics["grpo_sft.ja.college_math.pass_at_1"] <= 1.0
+        assert 0.0 <= report_metrics["grpo_sft.ja.college_math.following"] <= 1.0
+
+
+def test_an_experiment_travels_between_clones_with_exp_push_and_pull(project, queued_experiments, s3_remote, tmp_path):
+    """Alice pushes an experiment (git ref to the shared git remote, outputs to the S3 cache); Bob pulls it."""
+    root, env = project
+    endpoint, credentials = s3_remote
+    env = env | credentials | {"DVC_SITE_CACHE_DIR": str(tmp_path / "site")}
+    origin = tmp_path / "origin.git"
+    run(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
+    run(["git", "push", "-q", str(origin), "main"], root, env)
+    run(["git", "remote", "add", "team", str(origin)], root, env)
+    try:
+        add_s3_remote(root, env, endpoint)
+        dvc(root, env, "exp", "push", "team", "clip-0.3")
+        bob = tmp_path / "bob"
+        run(["git", "clone", "-q", str(origin), str(bob)], tmp_path, env)
+        bob_env = env | {"PYTHONPATH": str(bob / "src")}
+        add_s3_remote(bob, bob_env, endpoint)
+        dvc(bob, bob_env, "exp", "pull", "origin", "clip-0.3")
+        assert "clip-0.3" in dvc(bob, bob_env, "exp", "list", "--name-only").stdout
+        dvc(bob, bob_env, "exp", "apply", "clip-0.3")
+        dvc(bob, bob_env, "pull")
+        assert "clip_high: 0.3" in (bob / "params.yaml").read_text()
+        assert "up to date" in dvc(bob, bob_env, "status").stdout
+        # Bob has Alice's experiment outputs, byte for byte: the report and the GRPO model of clip-0.3.
+        dvc(root, env, "exp", "apply", "clip-0.3")
+        dvc(root, env, "checkout")
+        for name in ("reports/metrics.json", "data/models/grpo_sft/ja/adapter_model.safetensors"):
+            assert sha256(bob / name) == sha256(root / name), name
+    finally:
+        run(["git", "checkout", "--", "."], root, env)
+        dvc(root, env, "checkout", "--force")
+        run(["git", "remote", "remove", "team"], root, env)
+        dvc(root, env, "remote", "remove", "--local", "s3team")
+
+
+def test_no_planted_secret_reaches_anything_the_pipeline_wrote(project, queued_experiments):
+    """Params, MLflow params/tags/metrics/artifacts, DVC files, caches, reports and logs: grep every byte."""
+    root, _ = project
+    started = (root.parent / "logs/started").stat().st_mtime
+    written = [p for p in root.parent.rglob("*") if p.is_file()]
+    written += [p for p in (REPO / ".cache").rglob("*") if p.is_file() and p.stat().st_mtime >= started]
+    assert any(p.name == "mlflow.db" for p in written) and any("logs" in p.parts for p in written)
+    for path in written:
+        content = path.read_bytes()
+        for name, secret in PLANTED_SECRETS.items():
+            assert secret.encode() not in content, f"{name} leaked into {path}"
