@@ -356,27 +356,34 @@ def rest(url: str, endpoint: str, body: dict | None = None) -> dict:
 
 
 def test_queued_experiments_compare_side_by_side_through_the_mlflow_server(queued_experiments, mlflow_server):
+    """The GRPO runs of both experiments, with the knob that differs and their training curves, through REST.
+
+    (Their report stages may be skipped: the tiny GRPO barely moves the policy, so the generations, scores and
+    report can come out identical and DVC does not rerun what did not change.)
+    """
     experiment = rest(mlflow_server, "experiments/get-by-name?experiment_name=budget-alignment")["experiment"]
+    runs = rest(
+        mlflow_server,
+        "runs/search",
+        {"experiment_ids": [experiment["experiment_id"]], "filter": "tags.stage = 'grpo@sft-ja'", "max_results": 100},
+    )["runs"]
     found = {}
-    for stage in ("grpo@sft-ja", "report"):
-        runs = rest(
-            mlflow_server,
-            "runs/search",
-            {"experiment_ids": [experiment["experiment_id"]], "filter": f"tags.stage = '{stage}'", "max_results": 100},
-        )["runs"]
-        for found_run in runs:
-            tags = {t["key"]: t["value"] for t in found_run["data"].get("tags", [])}
-            if tags.get("dvc_exp_name") in queued_experiments:
-                params = {p["key"]: p["value"] for p in found_run["data"].get("params", [])}
-                metrics = {m["key"]: m["value"] for m in found_run["data"].get("metrics", [])}
-                found[(tags["dvc_exp_name"], stage)] = (params, metrics)
+    for found_run in runs:
+        tags = {t["key"]: t["value"] for t in found_run["data"].get("tags", [])}
+        if tags.get("dvc_exp_name") in queued_experiments and found_run["info"]["status"] == "FINISHED":
+            params = {p["key"]: p["value"] for p in found_run["data"].get("params", [])}
+            metrics = {m["key"]: m["value"] for m in found_run["data"].get("metrics", [])}
+            found[tags["dvc_exp_name"]] = (params, metrics)
+    assert set(found) == set(queued_experiments), sorted(found)
+    shared_metrics = set.intersection(*(set(metrics) for _, metrics in found.values()))
+    assert "budget.wall_seconds" in shared_metrics and any("reward" in key for key in shared_metrics), shared_metrics
     for name, clip in queued_experiments.items():
-        params, metrics = found[(name, "grpo@sft-ja")]
+        params, _ = found[name]
         assert float(params["grpo.clip_high"]) == clip
-        assert "train_loss" in metrics or any(key.startswith("rewards") for key in metrics), sorted(metrics)
-        _, report_metrics = found[(name, "report")]
-        assert 0.0 <= report_metrics["grpo_sft.ja.college_math.pass_at_1"] <= 1.0
-        assert 0.0 <= report_metrics["grpo_sft.ja.college_math.following"] <= 1.0
+        assert (
+            params["grpo.clip_low"] == "0.2"
+            and params["grpo.learning_rate"] == found["clip-0.24"][0]["grpo.learning_rate"]
+        )
 
 
 def test_an_experiment_travels_between_clones_with_exp_push_and_pull(project, queued_experiments, s3_remote, tmp_path):
@@ -390,6 +397,7 @@ def test_an_experiment_travels_between_clones_with_exp_push_and_pull(project, qu
     run(["git", "remote", "add", "team", str(origin)], root, env)
     try:
         add_s3_remote(root, env, endpoint)
+        dvc(root, env, "push")  # the baseline's outputs, as the team shares its main line
         dvc(root, env, "exp", "push", "team", "clip-0.3")
         bob = tmp_path / "bob"
         run(["git", "clone", "-q", str(origin), str(bob)], tmp_path, env)
