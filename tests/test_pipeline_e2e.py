@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import sqlite3
@@ -53,10 +54,11 @@ def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1800) -> subprocess
 
 
 # Credentials a user has in the environment: none may reach anything the pipeline writes (see the last test).
+# Drawn at random, so that no file (this one, copied into the project) holds them.
 PLANTED_SECRETS = {
-    "OPENAI_API_KEY": "sk-planted-5f0c3e9a1b7d4e26a8c1",
-    "HF_TOKEN": "hf_plantedQ8mZ2xV7kL4nR9tW3yB6",
-    "AWS_SESSION_TOKEN": "planted-session-7c2e9f4a0d1b",
+    "OPENAI_API_KEY": f"sk-planted-{secrets.token_hex(12)}",
+    "HF_TOKEN": f"hf_planted{secrets.token_hex(12)}",
+    "AWS_SESSION_TOKEN": f"planted-session-{secrets.token_hex(12)}",
 }
 
 
@@ -392,7 +394,7 @@ def test_an_experiment_travels_between_clones_with_exp_push_and_pull(project, qu
     endpoint, credentials = s3_remote
     env = env | credentials | {"DVC_SITE_CACHE_DIR": str(tmp_path / "site")}
     origin = tmp_path / "origin.git"
-    run(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
+    run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path, env)
     run(["git", "push", "-q", str(origin), "main"], root, env)
     run(["git", "remote", "add", "team", str(origin)], root, env)
     try:
