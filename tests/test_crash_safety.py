@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,24 +24,21 @@ from budget_alignment import io, paths
 from budget_alignment.evaluation import generate
 from budget_alignment.records import Completion, Problem, read_records, write_records
 from budget_alignment.train import trainer_setup as setup
-from test_train_helpers import FAST_GRPO, FAST_SFT, make_project, subprocess_env, tiny_params, write_params
+from test_train_helpers import (
+    FAST_GRPO,
+    FAST_SFT,
+    make_project,
+    subprocess_env,
+    tiny_params,
+    wait_for,
+    write_params,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def budget_align(*args: str) -> list[str]:
     return [sys.executable, "-m", "budget_alignment.cli", *args]
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"the stage ended (status {process.returncode}) before the condition was met")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.02)
 
 
 def kill_when(command: list[str], cwd: Path, condition) -> None:

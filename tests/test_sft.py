@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from test_train_helpers import (
     tiny_model,
     tiny_params,
     tiny_tokenizer,
+    wait_for,
     write_params,
 )
 
@@ -147,17 +147,6 @@ def test_missing_data_is_a_clear_error(project):
         sft.train_sft(tiny_params(sft=FAST_SFT), "ja")
 
 
-def wait_for(condition, timeout: float, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"the stage ended (status {process.returncode}) before the condition was met")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_a_killed_sft_stage_resumes_from_its_last_checkpoint(project):
     steps = 40
@@ -170,7 +159,7 @@ def test_a_killed_sft_stage_resumes_from_its_last_checkpoint(project):
         return sorted(root.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}"))
 
     first = subprocess.Popen(command, cwd=project, env=subprocess_env(project), stderr=subprocess.DEVNULL)
-    wait_for(lambda: complete_checkpoints(), 120, first)
+    wait_for(lambda: complete_checkpoints(), first, timeout=120)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     assert not paths.model_dir("sft-ja").exists()

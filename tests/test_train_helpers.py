@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -182,6 +184,18 @@ def enter_project(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def subprocess_env(root: Path) -> dict[str, str]:
     # One thread per process: the tests share two cores with the rest of the suite.
     return {**os.environ, "BUDGET_ALIGNMENT_CACHE": str(root / ".cache"), "OMP_NUM_THREADS": "1"}
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Poll `condition` while a stage runs in `process` (to kill it at the right moment)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the stage ended (status {process.returncode}) before the condition was met")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
 
 
 # --- the helpers themselves -----------------------------------------------------------------------------------------

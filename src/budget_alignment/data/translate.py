@@ -515,8 +515,7 @@ class VllmBackend:
                 from vllm import LLM
             except ImportError:
                 raise TranslationError("the vllm backend needs vllm: pip install -e '.[vllm]'") from None
-            if Path(self.settings.model).is_dir():
-                loading.require_safetensors(Path(self.settings.model))
+            loading.require_safetensors(self.settings.model)
             self._llm = LLM(
                 model=self.settings.model, dtype=self.settings.dtype, seed=0, trust_remote_code=self.trust_remote_code
             )

@@ -104,7 +104,7 @@ class TransformersBackend:
         sampling = self.settings.temperature > 0
         with torch.inference_mode():
             # Each prompt is read once and its KV cache shared by its n samples: `num_return_sequences` would read
-            # n copies (the prompts are as long as the completions in the tiny profile, so this halves the work).
+            # n copies (8% faster for 32 samples of 48 tokens on the tiny base; more where prompts are long).
             # The last prompt token is left for `generate`, which samples from its logits.
             cache = DynamicCache(config=self.model.config)
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
