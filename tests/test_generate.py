@@ -12,7 +12,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from budget_alignment import paths
+from budget_alignment import loading, paths
 from budget_alignment.evaluation import generate
 from budget_alignment.params import load_params
 from budget_alignment.records import Completion, Problem, read_records, write_records
@@ -25,7 +25,7 @@ CHATML = (
 WORDS = ["<pad>", "<unk>", "<|im_end|>", "<|im_start|>", "<think>", "</think>", "A", "B", "C", "D", "1", "2"]
 
 
-def save_pico_model(folder: Path) -> None:
+def save_pico_model(folder: Path, kv_heads: int = 2) -> None:
     vocab = {word: i for i, word in enumerate(WORDS)}
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = Whitespace()
@@ -41,7 +41,7 @@ def save_pico_model(folder: Path) -> None:
         intermediate_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         eos_token_id=2,
         pad_token_id=0,
     )
@@ -160,6 +160,62 @@ def test_changed_sampling_settings_discard_an_interrupted_run(project):
 def test_a_missing_model_is_a_clear_error(project):
     with pytest.raises(generate.GenerationError, match="model sft-fr not found at data/models/sft/fr"):
         generate.generate_for_regime(tiny_params(), "sft", "fr", generate.generation_dir("sft", "fr"))
+
+
+def test_greedy_decoding_equals_transformers_generate_on_each_prompt_alone(project):
+    # Grouped KV heads (2 query heads share 1) and prompts of different lengths (left padding): the backend's own
+    # decoding loop (shared prompt cache, static cache, grouped attention) must pick the tokens `generate` picks.
+    save_pico_model(paths.base_model_dir(), kv_heads=1)
+    params = tiny_params(temperature=0.0, max_new_tokens=8)
+    backend = generate.TransformersBackend(params, paths.base_model_dir())
+    assert backend.model.config._attn_implementation == "sdpa_grouped_kv"
+    texts = ["<|im_start|> A B <think>", "<|im_start|> C <think> 1 2 D D A", "B"]
+    results = backend.generate(texts, n=2, seed=0)
+
+    reference = loading.load_causal_lm(paths.base_model_dir(), torch.float32)
+    assert reference.config._attn_implementation == "sdpa"
+    tokenizer = backend.tokenizer()
+    for text, samples in zip(texts, results, strict=True):
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        expected = reference.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=0)[0, ids.shape[1] :]
+        expected = expected.tolist()
+        stop = expected.index(2) + 1 if 2 in expected else len(expected)
+        assert [s.tokens for s in samples] == [stop, stop]
+        assert samples[0].text == samples[1].text == tokenizer.decode(expected[:stop], skip_special_tokens=True)
+
+
+def test_grouped_attention_equals_sdpa_in_logits_and_gradients(tmp_path):
+    save_pico_model(tmp_path, kv_heads=1)
+    batch = {
+        "input_ids": torch.tensor([[0, 0, 6, 7, 8], [3, 4, 9, 10, 11]]),
+        "attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]),
+    }
+    results = []
+    for on_cpu in (False, True):
+        model = loading.load_causal_lm(tmp_path, torch.float32, on_cpu=on_cpu)
+        logits = model(**batch).logits
+        (logits * batch["attention_mask"][..., None]).sum().backward()
+        results.append((logits.detach(), [p.grad for p in model.parameters()]))
+    (sdpa_logits, sdpa_grads), (grouped_logits, grouped_grads) = results
+    assert torch.allclose(sdpa_logits, grouped_logits, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(sdpa_grads, grouped_grads, strict=True))
+
+
+def test_top_p_sampling_draws_from_the_nucleus_in_proportion():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(0)
+    # A peaked row (its nucleus among the top candidates) and a flat one (the nucleus needs the full sort).
+    logits = torch.stack([torch.linspace(8, -8, 1000), torch.linspace(0.01, 0, 1000)])
+    warped = TopPLogitsWarper(top_p=0.9)(None, logits / 0.7)
+    expected = torch.softmax(warped, dim=-1)
+    draws = torch.stack([generate.sample_token(logits, 0.7, 0.9, generator) for _ in range(4000)])
+    for row in range(2):
+        counts = torch.bincount(draws[:, row], minlength=1000).float() / len(draws)
+        assert set(draws[:, row].tolist()) <= set(torch.nonzero(expected[row]).flatten().tolist())
+        assert (counts - expected[row]).abs().max() < 0.03
+    assert len(set(draws[:, 1].tolist())) > generate.NUCLEUS_CANDIDATES  # the flat row sampled past the candidates
+    assert torch.equal(generate.sample_token(logits, 0.0, 0.9, generator), torch.tensor([0, 0]))
 
 
 @pytest.mark.vllm

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -101,3 +105,28 @@ def test_tracking_can_be_switched_off(dvc_root, params):
     with tracking.stage_run("report", off, []) as run:
         assert not run.active
     assert not (dvc_root / "mlflow.db").exists()
+
+
+def test_a_killed_stage_leaves_its_run_failed_with_what_it_logged(dvc_root):
+    # The run is held by a helper process; kill -9 of the stage must not leave it RUNNING for ever.
+    script = (
+        "import os, signal\n"
+        "from budget_alignment import tracking\n"
+        "from budget_alignment.params import load_params\n"
+        f"params = load_params({str(REPO / 'params.yaml')!r})\n"
+        "with tracking.stage_run('sft@ja', params, ['sft']) as run:\n"
+        "    run.log_metrics({'train.loss': 1.5})\n"
+        "    assert run.active\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=dvc_root, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    mlflow.set_tracking_uri(f"sqlite:///{dvc_root / 'mlflow.db'}")
+    for _ in range(120):  # the helper notices the closed pipe, logs what it holds and closes the run
+        (found,) = mlflow.search_runs(experiment_names=["budget-alignment"], output_format="list")
+        if found.info.status != "RUNNING":
+            break
+        time.sleep(0.5)
+    assert found.info.status == "FAILED"
+    assert found.data.metrics["train.loss"] == 1.5
+    assert not (dvc_root / "reports/budget/sft@ja.json").exists()

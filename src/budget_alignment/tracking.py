@@ -8,10 +8,12 @@ store cannot be reached the stage warns and still finishes, and its DVC metrics 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import resource
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -98,42 +100,56 @@ def _size_of(path: Path) -> int:
 
 
 class StageRun:
-    """What a stage reports while it runs: metrics, artifacts and the outputs whose size counts as written."""
+    """What a stage reports while it runs: metrics, artifacts and the outputs whose size counts as written.
 
-    def __init__(self, stage: str, mlflow_run_id: str | None) -> None:
+    In a stage the MLflow run is held by a helper process (`_TrackingProcess`); in a rank of a re-launched training
+    stage, which joins the launching process's run by its id, the rank logs itself.
+    """
+
+    def __init__(self, stage: str, mlflow_run_id: str | None = None, tracker: _TrackingProcess | None = None) -> None:
         self.stage = stage
-        self.run_id = mlflow_run_id
+        self._run_id = mlflow_run_id
+        self._tracker = tracker
         self.outputs: list[Path] = []
         self.budget: dict[str, float] = {}
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run's id (None without tracking); waits for the helper process to have opened the run."""
+        return self._tracker.run_id if self._tracker is not None else self._run_id
 
     @property
     def active(self) -> bool:
         return self.run_id is not None
 
-    def _safely(self, what: str, call, *args, **kwargs) -> None:
+    def share_with_trainers(self) -> bool:
+        """Let a transformers Trainer (this process's or a launched rank's) log into this run; whether there is one."""
         if not self.active:
-            return
-        try:
-            call(*args, **kwargs)
-        except Exception as error:  # tracking must never fail a stage
-            log.warning("MLflow: could not %s for %s: %s", what, self.stage, error)
+            return False
+        os.environ["MLFLOW_RUN_ID"] = str(self.run_id)
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
+        if self._tracker is not None:
+            os.environ["MLFLOW_EXPERIMENT_NAME"] = self._tracker.experiment
+        return True
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import mlflow
-
         numeric = {
             mlflow_key(k): float(v)
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
-        self._safely("log metrics", mlflow.log_metrics, numeric, step=step, run_id=self.run_id)
+        if self._tracker is not None:
+            self._tracker.send("metrics", numeric, step)
+        elif self.active:
+            _log_metrics(self._run_id, numeric, step, self.stage)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if not self.active:
-            return
-        import mlflow
-
-        self._safely("log artifact", mlflow.MlflowClient().log_artifact, self.run_id, str(path), artifact_path)
+        """Log a file as it is now (its bytes are read at once, so a later rewrite does not change the artifact)."""
+        path = Path(path)
+        if self._tracker is not None:
+            self._tracker.send("artifact", path.name, path.read_bytes(), artifact_path)
+        elif self.active:
+            _log_artifact(self._run_id, path, artifact_path, self.stage)
 
     def add_output(self, path: str | Path) -> None:
         self.outputs.append(Path(path))
@@ -143,24 +159,120 @@ class StageRun:
         self.budget.update(figures)
 
 
-def _start_mlflow_run(stage: str, profile: str, experiment: str, params: Mapping[str, Any]) -> str | None:
-    uri = tracking_uri()
-    if not _server_reachable(uri):
-        log.warning("MLflow tracking server %s is not reachable; %s runs without tracking", uri, stage)
-        return None
+_PENDING = object()
+
+
+class _TrackingProcess:
+    """A stage's MLflow run, held by a helper process that logs what the stage sends it, in order.
+
+    Importing mlflow and opening the sqlite store cost 3-4 s of CPU in every stage (92 stages in the tiny run): the
+    helper spends them on the second core while the stage imports its own libraries and works. The stage waits for
+    it at the end, or earlier only when a Trainer must join the run. If the stage is killed, the helper sees its end
+    of the pipe close and marks the run FAILED.
+    """
+
+    def __init__(self, stage: str, experiment: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork: the stage may hold torch's threads
+        self._connection, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve_run,
+            args=(child, tracking_uri(), experiment, stage, dict(tags), dict(params)),
+            name=f"mlflow {stage}",
+            daemon=True,
+        )
+        self._process.start()
+        child.close()
+        self._run_id: Any = _PENDING
+        self.stage, self.experiment = stage, experiment
+
+    @property
+    def run_id(self) -> str | None:
+        if self._run_id is _PENDING:
+            try:
+                self._run_id = self._connection.recv()
+            except (EOFError, OSError):
+                self._run_id = None
+        return self._run_id
+
+    def send(self, *message: Any) -> None:
+        try:
+            self._connection.send(message)
+        except OSError as error:  # the helper died: tracking must never fail a stage
+            log.warning("MLflow: could not log for %s: %s", self.stage, error)
+
+    def close(self, status: str) -> None:
+        self.send("end", status)
+        self._process.join(timeout=CLOSE_TIMEOUT_S)
+        if self._process.is_alive():
+            log.warning("MLflow: the run of %s did not close within %d s; leaving it", self.stage, CLOSE_TIMEOUT_S)
+            self._process.terminate()
+        self._connection.close()
+
+
+# How long a finished stage waits for its helper to log what is left and close the run.
+CLOSE_TIMEOUT_S = 120
+
+
+def _serve_run(connection, uri: str, experiment: str, stage: str, tags: dict, params: dict) -> None:
+    """The helper process: open the run, send its id (or None), then log each message until the stage ends."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_id = _start_mlflow_run(uri, experiment, stage, tags, params)
+    connection.send(run_id)
+    status = "FAILED"  # unless the stage says otherwise before its end of the pipe closes
+    with tempfile.TemporaryDirectory(prefix="mlflow-artifacts-") as scratch:
+        while True:
+            try:
+                kind, *arguments = connection.recv()
+            except (EOFError, OSError):
+                break
+            if kind == "end":
+                status = arguments[0]
+                break
+            if run_id is None:
+                continue
+            if kind == "metrics":
+                numeric, step = arguments
+                _log_metrics(run_id, numeric, step, stage)
+            elif kind == "artifact":
+                name, data, artifact_path = arguments
+                copy = Path(scratch) / str(len(list(Path(scratch).iterdir()))) / name
+                copy.parent.mkdir()
+                copy.write_bytes(data)
+                _log_artifact(run_id, copy, artifact_path, stage)
+    if run_id is not None:
+        _end_mlflow_run(run_id, status)
+
+
+def _log_metrics(run_id: str, numeric: Mapping[str, float], step: int | None, stage: str) -> None:
+    if not numeric:
+        return
+    try:
+        import mlflow
+
+        mlflow.log_metrics(dict(numeric), step=step, run_id=run_id)
+    except Exception as error:  # tracking must never fail a stage
+        log.warning("MLflow: could not log metrics for %s: %s", stage, error)
+
+
+def _log_artifact(run_id: str, path: Path, artifact_path: str | None, stage: str) -> None:
+    try:
+        import mlflow
+
+        mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
+    except Exception as error:  # tracking must never fail a stage
+        log.warning("MLflow: could not log artifact %s for %s: %s", path.name, stage, error)
+
+
+def _start_mlflow_run(
+    uri: str, experiment: str, stage: str, tags: Mapping[str, str], params: Mapping[str, Any]
+) -> str | None:
     try:
         import mlflow
 
         mlflow.set_tracking_uri(uri)
         experiment_id = mlflow.set_experiment(experiment).experiment_id
-        tags = {
-            "stage": stage,
-            "profile": profile,
-            "git_commit": git_commit() or "unknown",
-            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        }
         client = mlflow.MlflowClient()
-        run = client.create_run(experiment_id, run_name=stage, tags=tags)
+        run = client.create_run(experiment_id, run_name=stage, tags=dict(tags))
         items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):  # the REST API takes at most 100 params a call
             client.log_batch(run.info.run_id, params=items[start : start + 100])
@@ -170,9 +282,7 @@ def _start_mlflow_run(stage: str, profile: str, experiment: str, params: Mapping
         return None
 
 
-def _end_mlflow_run(run_id: str | None, status: str) -> None:
-    if run_id is None:
-        return
+def _end_mlflow_run(run_id: str, status: str) -> None:
     try:
         import mlflow
 
@@ -201,15 +311,20 @@ def stage_run(stage: str, params: Any, sections: list[str]) -> Iterator[StageRun
         for part in section.split("."):
             value = value[part]
         logged.update(flatten({section: value}) if isinstance(value, Mapping) else {section: value})
-    run_id = None
+    tracker = None
     if params.tracking.enabled:
-        run_id = _start_mlflow_run(stage, params.profile, params.tracking.experiment, logged)
-    run = StageRun(stage, run_id)
-    if run_id:
-        # The transformers Trainer's MLflow callback then logs its curves into this same run.
-        os.environ["MLFLOW_RUN_ID"] = run_id
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
-        os.environ["MLFLOW_EXPERIMENT_NAME"] = params.tracking.experiment
+        uri = tracking_uri()
+        if _server_reachable(uri):
+            tags = {
+                "stage": stage,
+                "profile": params.profile,
+                "git_commit": git_commit() or "unknown",
+                "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            }
+            tracker = _TrackingProcess(stage, params.tracking.experiment, tags, logged)
+        else:
+            log.warning("MLflow tracking server %s is not reachable; %s runs without tracking", uri, stage)
+    run = StageRun(stage, tracker=tracker)
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     status = "FAILED"
     try:
@@ -226,4 +341,5 @@ def stage_run(stage: str, params: Any, sections: list[str]) -> Iterator[StageRun
         if status == "FINISHED":
             write_json(paths.budget_file(stage), {"stage": stage, **budget})
         run.log_metrics({f"budget.{k}": v for k, v in budget.items()})
-        _end_mlflow_run(run_id, status)
+        if tracker is not None:
+            tracker.close(status)

@@ -80,7 +80,7 @@ class TransformersBackend:
         trust = loading.trusts_remote_code(params)
         self._tokenizer = loading.load_tokenizer(tokenizer_dir, trust_remote_code=trust, padding_side="left")
         dtype = getattr(torch, params.base_model.dtype) if self.device == "cuda" else torch.float32
-        model = loading.load_causal_lm(weights_dir, dtype, trust_remote_code=trust)
+        model = loading.load_causal_lm(weights_dir, dtype, trust_remote_code=trust, on_cpu=self.device == "cpu")
         if is_adapter:
             model = loading.load_adapter(model, model_dir)
         self.model = model.to(self.device).eval()
@@ -94,39 +94,43 @@ class TransformersBackend:
 
     def generate(self, prompts: list[str], n: int, seed: int) -> list[list[Sample]]:
         import torch
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
-        tokenizer = self._tokenizer
+        settings = self.settings
         # The chat template already wrote any BOS token into the prompt text.
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        ids, mask = encoded["input_ids"], encoded["attention_mask"]
-        torch.manual_seed(seed)
-        sampling = self.settings.temperature > 0
+        encoded = self._tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        generator = torch.Generator(self.device).manual_seed(seed)
         with torch.inference_mode():
-            # Each prompt is read once and its KV cache shared by its n samples: `num_return_sequences` would read
-            # n copies (8% faster for 32 samples of 48 tokens on the tiny base; more where prompts are long).
-            # The last prompt token is left for `generate`, which samples from its logits.
-            cache = DynamicCache(config=self.model.config)
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            self.model(
-                input_ids=ids[:, :-1],
-                attention_mask=mask[:, :-1],
-                position_ids=positions[:, :-1],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache.batch_repeat_interleave(n)
-            output = self.model.generate(
-                input_ids=ids.repeat_interleave(n, dim=0),
-                attention_mask=mask.repeat_interleave(n, dim=0),
-                past_key_values=cache,
-                do_sample=sampling,
-                temperature=self.settings.temperature if sampling else None,
-                top_p=self.settings.top_p if sampling else None,
-                max_new_tokens=self.settings.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        new_tokens = output[:, ids.shape[1] :].tolist()
+            # Each prompt is read once (logits of its last token only) and its KV cache shared by its n samples.
+            # The cache is then preallocated for the whole completion: a growing cache copies itself every step.
+            prefix = DynamicCache(config=self.model.config)
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=prefix, logits_to_keep=1
+            ).logits[:, -1]
+            prefix.batch_repeat_interleave(n)
+            cache = StaticCache(config=self.model.config, max_cache_len=ids.shape[1] + settings.max_new_tokens)
+            for index, layer in enumerate(prefix.layers):
+                cache.update(layer.keys, layer.values, index)
+            logits, mask = logits.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+            position = positions[:, -1:].repeat_interleave(n, dim=0)
+            stop = torch.tensor(sorted(self.stop_ids), device=self.device)
+            finished = torch.zeros(len(mask), dtype=torch.bool, device=self.device)
+            steps: list[torch.Tensor] = []
+            for step in range(settings.max_new_tokens):
+                token = sample_token(logits, settings.temperature, settings.top_p, generator)
+                token = token.masked_fill(finished, self._tokenizer.pad_token_id or 0)
+                steps.append(token)
+                finished |= torch.isin(token, stop)
+                if bool(finished.all()) or step == settings.max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+                position = position + 1
+                logits = self.model(
+                    input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache
+                ).logits[:, -1]
+        new_tokens = torch.stack(steps, dim=1).tolist()
         samples = [self._sample(row) for row in new_tokens]
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
@@ -180,6 +184,29 @@ class VllmBackend:
             [Sample(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop") for c in o.outputs]
             for o in outputs
         ]
+
+
+# The nucleus of top-p sampling nearly always lies among a few hundred tokens: sorting only those (and the whole
+# vocabulary only for a row whose top tokens fall short of top_p) is exact, and costs a tenth of a full sort.
+NUCLEUS_CANDIDATES = 256
+
+
+def sample_token(logits: Any, temperature: float, top_p: float, generator: Any) -> Any:
+    """One token per row: greedy at temperature 0, else from the smallest set of top tokens holding `top_p`."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    top, index = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    if not bool((top.sum(dim=-1) >= top_p).all()):
+        top, index = probs.sort(dim=-1, descending=True)
+    # A token stays while the mass before it is below top_p: the most likely one always stays.
+    nucleus = top.masked_fill(top.cumsum(dim=-1) - top >= top_p, 0.0)
+    choice = torch.multinomial(nucleus, 1, generator=generator)
+    return index.gather(-1, choice).squeeze(-1)
 
 
 BACKENDS: dict[str, type] = {"transformers": TransformersBackend, "vllm": VllmBackend}

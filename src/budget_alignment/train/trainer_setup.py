@@ -116,7 +116,7 @@ def common_arguments(
 
 def report_to(run: tracking.StageRun | None) -> list[str] | str:
     """`mlflow` when the stage has an MLflow run (the Trainer's callback joins it through `MLFLOW_RUN_ID`)."""
-    return ["mlflow"] if run is not None and run.active else "none"
+    return ["mlflow"] if run is not None and run.share_with_trainers() else "none"
 
 
 def lora_config(lora: LoraParams) -> LoraConfig:
@@ -163,7 +163,12 @@ def load_model(folder: Path, params: Params, *, trainable: bool = False) -> PreT
     if is_adapter(folder):
         return loading.load_adapter(load_model(adapter_base(folder), params), folder, trainable=trainable)
     dtype = getattr(torch, params.base_model.dtype)
-    return loading.load_causal_lm(folder, dtype, trust_remote_code=loading.trusts_remote_code(params))
+    return loading.load_causal_lm(
+        folder,
+        dtype,
+        trust_remote_code=loading.trusts_remote_code(params),
+        on_cpu=not gpu_available(params.compute),
+    )
 
 
 def without_duplicate_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
@@ -374,6 +379,7 @@ def run_stage(
         return
     with tracking.stage_run(stage, params, sections) as run:
         if params.compute.num_processes > 1:
+            run.share_with_trainers()  # the ranks' Trainers join this run
             command = relaunch_command(params.compute, argv)
             log.info("launching %d processes: %s", params.compute.num_processes, " ".join(command))
             result = subprocess.run(command, check=False)

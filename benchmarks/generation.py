@@ -1,0 +1,96 @@
+"""Speed of the transformers generation backend on the tiny profile's base model (the CPU case of `generate@...`).
+
+    .venv/bin/python benchmarks/generation.py            # ja, the params' evaluation settings
+    .venv/bin/python benchmarks/generation.py --lang fr
+
+Needs what `generate@base-{lang}` reads: data/models/base and data/normalized/{set}/{lang}.jsonl (run the tiny
+pipeline, or `dvc repro normalize@college_math-ja ...`, first). Times one pooled batch (evaluation.limit problems of
+every evaluation set x n samples x max_new_tokens) three times:
+
+1. the backend as the stage runs it (grouped-KV attention, shared prompt cache, static cache, nucleus sampling);
+2. the same loop with transformers' own "sdpa" attention, which copies each KV head to its query heads under a
+   padding mask, and checks that it draws the very same tokens;
+3. transformers' `generate` (`num_return_sequences=n`, the same temperature and top_p) as the reference point.
+
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from budget_alignment import paths, prompts
+from budget_alignment.evaluation.generate import TransformersBackend
+from budget_alignment.params import load_params
+from budget_alignment.records import Problem, read_records
+
+
+def timed(call):
+    started = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lang", default="ja")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    settings = params.evaluation
+    backend, load_seconds = timed(lambda: TransformersBackend(params, paths.model_dir("base")))
+    tokenizer = backend.tokenizer()
+    problems = [
+        problem
+        for dataset in settings.datasets
+        for problem in read_records(paths.normalized(dataset, args.lang), Problem)[: settings.limit]
+    ]
+    texts = [prompts.generation_prompt(tokenizer, p, params.prompts, args.lang) for p in problems]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+    rows = []
+    grouped, seconds = timed(lambda: backend.generate(texts, settings.n, seed=1))
+    tokens = sum(sample.tokens for samples in grouped for sample in samples)
+    rows.append(("backend (grouped-KV attention)", seconds, tokens))
+
+    backend.model.set_attn_implementation("sdpa")
+    plain, seconds = timed(lambda: backend.generate(texts, settings.n, seed=1))
+    rows.append(("backend with transformers' sdpa", seconds, sum(s.tokens for samples in plain for s in samples)))
+    same = [[s.text for s in samples] for samples in plain] == [[s.text for s in samples] for samples in grouped]
+
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        output, seconds = timed(
+            lambda: backend.model.generate(
+                **encoded,
+                do_sample=True,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                max_new_tokens=settings.max_new_tokens,
+                num_return_sequences=settings.n,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    new = output[:, encoded["input_ids"].shape[1] :]
+    rows.append(
+        ("transformers generate (sdpa, num_return_sequences)", seconds, int((new != tokenizer.pad_token_id).sum()))
+    )
+
+    print(
+        f"{len(texts)} prompts ({min(lengths)}-{max(lengths)} tokens) x n={settings.n}, "
+        f"max_new_tokens={settings.max_new_tokens}, {torch.get_num_threads()} threads; "
+        f"model load {load_seconds:.1f} s\n"
+    )
+    print("| generation | seconds | tokens | tokens/s |\n|---|---|---|---|")
+    for name, seconds, tokens in rows:
+        print(f"| {name} | {seconds:.1f} | {tokens} | {tokens / seconds:.0f} |")
+    print(f"\nsame tokens with either attention: {same}")
+
+
+if __name__ == "__main__":
+    main()
