@@ -108,12 +108,14 @@ def ingest(
 ) -> None:
     """Stage ingest@DATASET: load the English records from the dataset's source into data/ingested/."""
     from budget_alignment import tracking
-    from budget_alignment.data.contracts import ContractViolation
-    from budget_alignment.data.sources import SourceError, ingest_dataset
 
     params = load(params_file)
     sections = [f"datasets.{dataset}.source", f"datasets.{dataset}.limit"] if dataset in params.datasets else []
     with tracking.stage_run(f"ingest@{dataset}", params, sections) as run:
+        # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
+        from budget_alignment.data.contracts import ContractViolation
+        from budget_alignment.data.sources import SourceError, ingest_dataset
+
         try:
             ingest_dataset(params, dataset, run)
         except (SourceError, ContractViolation) as error:
@@ -128,9 +130,6 @@ def translate(
 ) -> None:
     """Stage translate@DATASET-LANG: the human translation, or machine translation, into data/translated/."""
     from budget_alignment import tracking
-    from budget_alignment.data.contracts import ContractViolation
-    from budget_alignment.data.sources import SourceError
-    from budget_alignment.data.translate import TranslationError, translate_dataset
 
     params = load(params_file)
     if dataset not in params.datasets:
@@ -138,6 +137,11 @@ def translate(
     if lang not in params.datasets[dataset].translation:
         fail(f"datasets.{dataset}.translation has no entry for {lang!r}")
     with tracking.stage_run(f"translate@{dataset}-{lang}", params, [f"datasets.{dataset}.translation.{lang}"]) as run:
+        # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
+        from budget_alignment.data.contracts import ContractViolation
+        from budget_alignment.data.sources import SourceError
+        from budget_alignment.data.translate import TranslationError, translate_dataset
+
         try:
             translate_dataset(params, dataset, lang, run)
         except (TranslationError, SourceError, ContractViolation) as error:
@@ -152,13 +156,15 @@ def normalize(
 ) -> None:
     """Stage normalize@DATASET-LANG: the per-language normalization rules, into data/normalized/."""
     from budget_alignment import tracking
-    from budget_alignment.data.contracts import ContractViolation
-    from budget_alignment.data.normalize import NormalizeError, normalize_dataset
 
     params = load(params_file)
     if lang not in params.normalize:
         fail(f"normalize has no entry for {lang!r} (languages: {', '.join(params.normalize)})")
     with tracking.stage_run(f"normalize@{dataset}-{lang}", params, [f"normalize.{lang}"]) as run:
+        # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
+        from budget_alignment.data.contracts import ContractViolation
+        from budget_alignment.data.normalize import NormalizeError, normalize_dataset
+
         try:
             normalize_dataset(params, dataset, lang, run)
         except (NormalizeError, ContractViolation) as error:
@@ -236,12 +242,14 @@ def score(
 ) -> None:
     """Stage score: judge each completion (answer, language, format); pass@k and following rates per dataset."""
     from budget_alignment import tracking
-    from budget_alignment.evaluation.score import ScoringError, score_files
     from budget_alignment.io import OutputError
     from budget_alignment.records import RecordError
 
     params = load(params_file)
     with tracking.stage_run("score", params, ["scoring", "evaluation.k"]) as run:
+        # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
+        from budget_alignment.evaluation.score import ScoringError, score_files
+
         try:
             results = score_files(problems, completions, out, params, metrics)
         except (RecordError, ScoringError, OutputError, FileNotFoundError) as error:
@@ -298,14 +306,16 @@ def score_generations(
 ) -> None:
     """Stage score@REGIME-LANG: `score` on every cached generation of the regime, into reports/scores/."""
     from budget_alignment import tracking
-    from budget_alignment.evaluation.score import ScoringError
-    from budget_alignment.evaluation.score import score_generations as score_all
     from budget_alignment.records import RecordError
 
     params = load(params_file)
     if (regime, lang) not in evaluated_pairs(params):
         fail(f"{regime}-{lang} is not evaluated with these params (evaluation.regimes, languages)")
     with tracking.stage_run(f"score@{regime}-{lang}", params, ["scoring", "evaluation.k"]) as run:
+        # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
+        from budget_alignment.evaluation.score import ScoringError
+        from budget_alignment.evaluation.score import score_generations as score_all
+
         try:
             score_all(params, regime, lang, run)
         except (RecordError, ScoringError, FileNotFoundError) as error:

@@ -64,7 +64,12 @@ class Backend(Protocol):
 
 
 class TransformersBackend:
-    """Batched sampling with left padding and the KV cache; a LoRA adapter is loaded on the base, unmerged."""
+    """Batched sampling with left padding and the KV cache; a LoRA adapter is loaded on the base, unmerged.
+
+    The decoding loop is this class's own rather than transformers' `generate`, whose sampling step (a sort and a
+    multinomial draw over the whole vocabulary for every sequence) cost 0.25 s of a 0.6 s CPU step for 64 sequences
+    of SmolLM2. It samples as vLLM does: temperature, then top-p, no top-k (`generate` would add top_k=50).
+    """
 
     def __init__(self, params: Params, model_dir: Path) -> None:
         import torch
