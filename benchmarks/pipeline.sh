@@ -17,10 +17,9 @@ export MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1
 # The 93 MB model wheel is a download, not pipeline work: share the checkout's cache of it.
 export BUDGET_ALIGNMENT_CACHE="$here/.cache"
 
-timed() {  # timed LOGNAME CMD... -> prints "wall_s peak_rss_kib"
+timed() {  # timed LOGNAME CMD... -> writes "wall_s peak_rss_kib" to $work/time; a failure stops the script
   local log="$work/$1.log"; shift
-  /usr/bin/time -f "%e %M" -o "$work/time" "$@" >"$log" 2>&1 || { tail -30 "$log"; exit 1; }
-  cat "$work/time"
+  /usr/bin/time -f "%e %M" -o "$work/time" "$@" >"$log" 2>&1 || { tail -30 "$log"; echo "FAILED: $*" >&2; exit 1; }
 }
 
 git clone -q "$here" "$clone"
@@ -31,12 +30,12 @@ if [ "$reuse" = "--reuse-venv" ]; then
   export PYTHONPATH="$clone/src"
   setup="not measured (venv reused)"
 else
-  read -r s_wall s_rss < <(timed setup make setup)
+  timed setup make setup; read -r s_wall s_rss < "$work/time"
   setup="${s_wall} s"
 fi
 export PATH="$clone/.venv/bin:$PATH"
 
-read -r r_wall r_rss < <(timed repro .venv/bin/dvc repro)
+timed repro .venv/bin/dvc repro; read -r r_wall r_rss < "$work/time"
 stage_peaks=$(python3 - "$clone/reports/budget" <<'PY'
 import json, pathlib, sys
 rows = [json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))]
@@ -45,9 +44,9 @@ total = sum(r["wall_seconds"] for r in rows)
 print(f"{worst['peak_rss_bytes'] / 2**30:.2f} GiB ({worst['stage']}); {len(rows)} stages, {total:.0f} s summed")
 PY
 )
-read -r n_wall _ < <(timed noop .venv/bin/dvc repro)
+timed noop .venv/bin/dvc repro; read -r n_wall _ < "$work/time"
 grep -q "up to date" "$work/noop.log" && noop_state="no stage ran" || noop_state="STAGES RAN (see log)"
-read -r e_wall e_rss < <(timed exp .venv/bin/dvc exp run -S grpo.clip_high=0.3)
+timed exp .venv/bin/dvc exp run -S grpo.clip_high=0.3; read -r e_wall e_rss < "$work/time"
 reran=$(grep -o "Running stage '[^']*'" "$work/exp.log" | sed "s/Running stage //; s/'//g" | tr '\n' ' ')
 help_s=$(python3 - <<'PY'
 import statistics, subprocess, time
