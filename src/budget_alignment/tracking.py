@@ -321,7 +321,10 @@ def stage_run(stage: str, params: Any, sections: list[str]) -> Iterator[StageRun
                 "git_commit": git_commit() or "unknown",
                 "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
             }
-            tracker = _TrackingProcess(stage, params.tracking.experiment, tags, logged)
+            try:
+                tracker = _TrackingProcess(stage, params.tracking.experiment, tags, logged)
+            except OSError as error:  # tracking must never fail a stage
+                log.warning("MLflow: could not start the tracking process for %s: %s", stage, error)
         else:
             log.warning("MLflow tracking server %s is not reachable; %s runs without tracking", uri, stage)
     run = StageRun(stage, tracker=tracker)
