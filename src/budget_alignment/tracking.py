@@ -235,8 +235,7 @@ def _serve_run(connection, uri: str, experiment: str, stage: str, tags: dict, pa
                 _log_metrics(run_id, numeric, step, stage)
             elif kind == "artifact":
                 name, data, artifact_path = arguments
-                copy = Path(scratch) / str(len(list(Path(scratch).iterdir()))) / name
-                copy.parent.mkdir()
+                copy = Path(tempfile.mkdtemp(dir=scratch)) / name  # a folder each: names may repeat
                 copy.write_bytes(data)
                 _log_artifact(run_id, copy, artifact_path, stage)
     if run_id is not None:
