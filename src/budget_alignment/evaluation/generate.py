@@ -192,7 +192,7 @@ class VllmBackend:
 
 
 # The nucleus of top-p sampling nearly always lies among a few hundred tokens: sorting only those (and the whole
-# vocabulary only for a row whose top tokens fall short of top_p) is exact, and costs a tenth of a full sort.
+# vocabulary only for the rows whose top tokens fall short of top_p) is exact, and costs a tenth of a full sort.
 NUCLEUS_CANDIDATES = 256
 
 
@@ -206,12 +206,20 @@ def sample_token(logits: Any, temperature: float, top_p: float, generator: Any) 
     if top_p >= 1:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     top, index = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
-    if not bool((top.sum(dim=-1) >= top_p).all()):
-        top, index = probs.sort(dim=-1, descending=True)
+    token = _sample_nucleus(top, index, top_p, generator)
+    short = (top.sum(dim=-1) < top_p).nonzero().squeeze(-1)
+    if len(short):  # a flat row: its nucleus reaches past the candidates
+        token[short] = _sample_nucleus(*probs[short].sort(dim=-1, descending=True), top_p, generator)
+    return token
+
+
+def _sample_nucleus(top: Any, index: Any, top_p: float, generator: Any) -> Any:
+    """Draw from probabilities sorted in descending order (`index`: their token ids), cut to the top_p nucleus."""
+    import torch
+
     # A token stays while the mass before it is below top_p: the most likely one always stays.
     nucleus = top.masked_fill(top.cumsum(dim=-1) - top >= top_p, 0.0)
-    choice = torch.multinomial(nucleus, 1, generator=generator)
-    return index.gather(-1, choice).squeeze(-1)
+    return index.gather(-1, torch.multinomial(nucleus, 1, generator=generator)).squeeze(-1)
 
 
 BACKENDS: dict[str, type] = {"transformers": TransformersBackend, "vllm": VllmBackend}
