@@ -43,12 +43,12 @@ KINDS = {
         "from mergekit.merge import run_merge",
     ),
     "generate": (
-        ("generate@",),
+        ("generate@", "generate_en"),
         "import budget_alignment.cli, budget_alignment.evaluation.generate, torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache",
     ),
     "score / report": (
-        ("score@", "report"),
+        ("score@", "score_en", "report"),
         "import budget_alignment.cli, budget_alignment.evaluation.score, budget_alignment.report, math_verify, lingua",
     ),
 }
