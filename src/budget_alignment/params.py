@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from budget_alignment import paths
+from budget_alignment.languages import supported_languages
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -419,8 +420,6 @@ class Params(Section):
         for name in self.trust_remote_code:
             if name not in loaded:
                 errors.append(f"trust_remote_code: {name!r} is not a model these params load ({', '.join(loaded)})")
-        from budget_alignment.scoring.language import supported_languages
-
         known = supported_languages()
         for lang in {
             *self.languages,

@@ -10,9 +10,9 @@ everything before `</think>` from assistant turns: the reasoning would silently 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
+from budget_alignment.languages import language_name
 from budget_alignment.params import PromptParams
 from budget_alignment.records import Problem
 
@@ -45,16 +45,6 @@ THINK_PREFIXES = {
     "fr": "Je vais réfléchir étape par étape en français.",
     "es": "Voy a razonar paso a paso en español.",
 }
-
-
-@cache
-def language_name(code: str) -> str:
-    from lingua import IsoCode639_1, Language
-
-    try:
-        return Language.from_iso_code_639_1(getattr(IsoCode639_1, code.upper())).name.title()
-    except AttributeError:
-        raise ValueError(f"unknown language code {code!r}") from None
 
 
 def instruction(lang: str, answer_type: str) -> str:

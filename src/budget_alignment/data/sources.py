@@ -10,7 +10,6 @@ The hub is reached in one place, `fetch_hub_dataset`, which tests replace with a
 from __future__ import annotations
 
 import csv
-import hashlib
 import itertools
 import json
 import logging
@@ -24,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from budget_alignment import paths
+from budget_alignment.fingerprints import sha256_file, tree_digest
+from budget_alignment.hub import warn_if_unpinned
 from budget_alignment.params import BundledSource, DataSource, HubDatasetSource, LocalSource, Params
 from budget_alignment.records import CHOICE_LETTERS, Problem, write_records
 
@@ -49,22 +50,6 @@ class RawRows:
     rows: list[dict[Any, Any]]
     where: str
     provenance: dict[str, Any] = field(default_factory=dict)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _sha256_tree(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(_sha256_file(path).encode())
-    return digest.hexdigest()
 
 
 def detect_format(path: Path) -> str:
@@ -166,7 +151,7 @@ def read_local(source: LocalSource) -> RawRows:
         rows = _read_parquet(path)
     else:
         rows = _read_hf_disk(path, source.split)
-    digest = _sha256_tree(path) if path.is_dir() else _sha256_file(path)
+    digest = tree_digest(path, contents=True) if path.is_dir() else sha256_file(path)
     return RawRows(rows, str(path), {"source": "local", "path": str(path), "format": fmt, "sha256": digest})
 
 
@@ -196,8 +181,6 @@ def fetch_hub_dataset(source: HubDatasetSource) -> tuple[Any, str | None]:
 
 
 def read_hub(source: HubDatasetSource) -> RawRows:
-    from budget_alignment.train.models import warn_if_unpinned
-
     where = f"hub {source.repo_id}@{source.revision}" + (f" config {source.config}" if source.config else "")
     where += f" split {source.split}"
     warn_if_unpinned(f"dataset {source.repo_id}", source.revision)
@@ -233,7 +216,7 @@ def read_bundled(source: BundledSource, lang: str) -> RawRows:
         raise SourceError(f"bundled set {source.name!r} has no {lang!r} file")
     with resources.as_file(entry) as path:
         rows = _read_jsonl(path)
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
     where = f"bundled/{source.name}/{lang}.jsonl"
     return RawRows(rows, where, {"source": "bundled", "set": source.name, "lang": lang, "sha256": digest})
 

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from budget_alignment import loading, paths
+from budget_alignment.fingerprints import tree_digest
+from budget_alignment.languages import language_name
 from budget_alignment.params import MachineTranslationParams, Params, TranslationParams
 from budget_alignment.records import Problem, RecordError, read_records, write_records
 
@@ -232,8 +234,6 @@ def needs_translation(protected_text: str) -> bool:
 
 # --- prompts -------------------------------------------------------------------------------------------------------
 
-LANGUAGE_NAMES = {"en": "English", "ja": "Japanese", "fr": "French", "es": "Spanish", "de": "German", "zh": "Chinese"}
-
 PROMPTS = {
     "v1": (
         "You are a professional translator of mathematics and science texts. Translate the user's text from English "
@@ -243,14 +243,6 @@ PROMPTS = {
         "{language}. Reply with the translation only, without notes, quotes or explanations."
     ),
 }
-
-
-def language_name(lang: str) -> str:
-    if lang in LANGUAGE_NAMES:
-        return LANGUAGE_NAMES[lang]
-    from lingua import IsoCode639_1, Language
-
-    return Language.from_iso_code_639_1(getattr(IsoCode639_1, lang.upper())).name.title()
 
 
 def build_messages(
@@ -484,15 +476,9 @@ class OpenAIBackend:
 
 def local_model_id(model: str) -> str:
     """A local folder's identity for the cache: its path and a fingerprint of its files (not just the name)."""
-    folder = Path(model)
-    if not folder.is_dir():
+    if not Path(model).is_dir():
         return model
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
-        if path.suffix in (".json", ".jinja", ".txt") and path.stat().st_size < 1 << 20:
-            digest.update(path.read_bytes())
-    return f"{model}@{digest.hexdigest()[:16]}"
+    return f"{model}@{tree_digest(model, contents=True)[:16]}"
 
 
 @backend("vllm")

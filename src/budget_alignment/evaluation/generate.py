@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from budget_alignment import loading, paths, prompts
+from budget_alignment.fingerprints import tree_digest
 from budget_alignment.io import atomic_directory, atomic_write, write_json
 from budget_alignment.params import Params
 from budget_alignment.records import Completion, Problem, read_records
@@ -237,12 +238,10 @@ def batches(items: list[T], size: int) -> Iterator[tuple[int, list[T]]]:
 
 def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
     """What the completions depend on; a work file made under another fingerprint is discarded."""
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
-    model_state = [(str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     settings = params.evaluation
     return {
         "model": str(model_dir),
-        "model_state": hashlib.sha256(json.dumps(model_state).encode()).hexdigest(),
+        "model_state": tree_digest(model_dir, contents=False),
         "lang": lang,
         "seed": params.seed,
         "backend": settings.backend,

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Literal
 
+from budget_alignment.languages import supported_languages
+
 if TYPE_CHECKING:
     from lingua import Language, LanguageDetector
 
@@ -35,14 +37,6 @@ if TYPE_CHECKING:
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
-
-
-@cache
-def supported_languages() -> frozenset[str]:
-    """ISO 639-1 codes of every language the checker can judge (every language lingua supports)."""
-    from lingua import Language
-
-    return frozenset(language.iso_code_639_1.name.lower() for language in Language.all())
 
 
 def split_spans(text: str) -> tuple[str, str, bool]:

