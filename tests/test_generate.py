@@ -89,7 +89,7 @@ def completions(folder: Path) -> list[Completion]:
 
 def test_n_samples_per_problem_deterministic_under_a_seed(project):
     params = tiny_params()
-    out = generate.generation_dir("base", "fr")
+    out = paths.generations_dir("base", "fr")
     summary = generate.generate_for_regime(params, "base", "fr", out)
     first = completions(out)
     assert len(first) == 5 * 3
@@ -107,7 +107,7 @@ def test_n_samples_per_problem_deterministic_under_a_seed(project):
 
 def test_a_crashed_run_resumes_without_regenerating_finished_problems(project, monkeypatch):
     params = tiny_params()
-    reference = generate.generation_dir("base", "fr")
+    reference = paths.generations_dir("base", "fr")
     generate.generate_for_regime(params, "base", "fr", reference)
     expected = completions(reference)
 
@@ -153,13 +153,15 @@ def test_changed_sampling_settings_discard_an_interrupted_run(project):
         ).model_dump_json()
         + "\n"
     )
-    generate.generate_for_regime(tiny_params(n=1, k=[1]), "base", "fr", generate.generation_dir("base", "fr"))
-    assert "old" not in [c.text for c in completions(generate.generation_dir("base", "fr"))]
+    generate.generate_for_regime(tiny_params(n=1, k=[1]), "base", "fr", paths.generations_dir("base", "fr"))
+    assert "old" not in [c.text for c in completions(paths.generations_dir("base", "fr"))]
 
 
 def test_a_missing_model_is_a_clear_error(project):
-    with pytest.raises(generate.GenerationError, match="model sft-fr not found at data/models/sft/fr"):
-        generate.generate_for_regime(tiny_params(), "sft", "fr", generate.generation_dir("sft", "fr"))
+    with pytest.raises(
+        generate.GenerationError, match=r"model sft-fr: no model at data/models/sft/fr \(run its stage first\)"
+    ):
+        generate.generate_for_regime(tiny_params(), "sft", "fr", paths.generations_dir("sft", "fr"))
 
 
 def test_greedy_decoding_equals_transformers_generate_on_each_prompt_alone(project):
@@ -224,6 +226,6 @@ def test_vllm_backend_samples_n_completions(project):
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs a GPU")
     params = tiny_params(backend="vllm")
-    out = generate.generation_dir("base", "fr")
+    out = paths.generations_dir("base", "fr")
     generate.generate_for_regime(params, "base", "fr", out)
     assert len(completions(out)) == 15

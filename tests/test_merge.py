@@ -111,7 +111,9 @@ def test_a_lora_member_is_applied_to_the_base(project):
 
 
 def test_a_missing_member_names_the_member_and_its_folder(project):
-    with pytest.raises(merge.MergeError, match=r"'sft-es' has no model at data/models/sft/es"):
+    with pytest.raises(
+        merge.MergeError, match=r"merge.members: 'sft-es': no model at data/models/sft/es \(run its stage first\)"
+    ):
         merge.merge_configuration(params_with(members=["base", "sft-es"]))
 
 

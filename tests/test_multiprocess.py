@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from budget_alignment import paths
-from budget_alignment.train import trainer_setup as setup
+from budget_alignment.train import launch
 from test_train_helpers import FAST_SFT, REPO, enter_project, subprocess_env, tiny_params, write_params
 
 
@@ -42,7 +42,7 @@ def test_sft_on_two_cpu_processes_under_accelerate_launch(project):
     assert "accelerate.commands.launch" in result.stderr
     assert "training on 2 processes (MULTI_CPU)" in result.stderr
 
-    metrics = json.loads(setup.metrics_file("sft@ja").read_text())
+    metrics = json.loads(paths.training_metrics_file("sft@ja").read_text())
     assert metrics["global_step"] == 2 and metrics["tokens_trained"] > 0
     assert (paths.model_dir("sft-ja") / "adapter_model.safetensors").is_file()
     # The launching process tracked the stage and took the ranks' figures into its budget.
@@ -68,7 +68,7 @@ def test_the_shipped_accelerate_configs_load_and_save_loadable_models(name, dist
 
 def test_the_relaunch_runs_the_same_command_under_accelerate_launch():
     params = tiny_params(compute={"num_processes": 4, "accelerate_config": "conf/accelerate/zero3.yaml"})
-    command = setup.relaunch_command(params.compute, ["grpo", "sft", "fr", "--params", "p.yaml"])
+    command = launch.relaunch_command(params.compute, ["grpo", "sft", "fr", "--params", "p.yaml"])
     assert command[1:] == [
         "-m", "accelerate.commands.launch", "--config_file", "conf/accelerate/zero3.yaml", "--num_processes", "4",
         "-m", "budget_alignment.cli", "grpo", "sft", "fr", "--params", "p.yaml",

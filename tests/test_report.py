@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from budget_alignment import report
+from budget_alignment import paths, report
 from budget_alignment.io import write_json
 from budget_alignment.params import load_params
 
@@ -89,9 +89,9 @@ def project(tmp_path, monkeypatch):
                     "problems": 8,
                     "samples": 32,
                 }
-            write_json(report.scores_file(regime, lang), scores)
+            write_json(paths.score_metrics_file(regime, lang), scores)
     write_json(
-        report.scores_file("base", "en"),
+        paths.score_metrics_file("base", "en"),
         {d: {f"pass@{k}": 0.9 for k in evaluation.k} | {"following": 1.0} for d in evaluation.datasets},
     )
     write_json(
@@ -148,6 +148,6 @@ def test_budget_is_summed_per_regime():
 
 
 def test_a_missing_score_file_names_the_stage(project):
-    report.scores_file("merge", "es").unlink()
+    paths.score_metrics_file("merge", "es").unlink()
     with pytest.raises(report.ReportError, match=r"run stage score@merge-es first"):
         report.build_report(project)

@@ -90,7 +90,7 @@ def compose_params(
 def base_model(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
     """Stage base_model: write the base model as a safetensors folder under data/models/base/."""
     from budget_alignment import paths, tracking
-    from budget_alignment.train.models import ModelSourceError, materialize_base_model
+    from budget_alignment.train.base_model import ModelSourceError, materialize_base_model
     from budget_alignment.train.trainer_setup import TrainingError
 
     params = load(params_file)
@@ -179,13 +179,14 @@ def sft(
     """Stage sft@LANG: fine-tune the base on the reasoning chains of LANG; writes data/models/sft/LANG/."""
     from budget_alignment import paths
     from budget_alignment.train import sft as training
-    from budget_alignment.train.trainer_setup import TrainingError, metrics_file, run_stage
+    from budget_alignment.train.launch import run_stage
+    from budget_alignment.train.trainer_setup import TrainingError
 
     params = load(params_file)
     if lang not in params.languages:
         fail(f"{lang!r} is not one of languages ({', '.join(params.languages)})")
     stage = training.stage_name(lang)
-    outputs = [paths.model_dir(f"sft-{lang}"), metrics_file(stage)]
+    outputs = [paths.model_dir(f"sft-{lang}"), paths.training_metrics_file(stage)]
     try:
         run_stage(
             stage,
@@ -208,7 +209,8 @@ def grpo(
     """Stage grpo@INIT-LANG: GRPO on the math problems of LANG from the base or the SFT model of LANG."""
     from budget_alignment import paths
     from budget_alignment.train import grpo as training
-    from budget_alignment.train.trainer_setup import TrainingError, metrics_file, run_stage
+    from budget_alignment.train.launch import run_stage
+    from budget_alignment.train.trainer_setup import TrainingError
 
     params = load(params_file)
     if init not in ("base", "sft"):
@@ -216,7 +218,7 @@ def grpo(
     if lang not in params.languages:
         fail(f"{lang!r} is not one of languages ({', '.join(params.languages)})")
     stage = training.stage_name(init, lang)
-    outputs = [paths.model_dir(training.model_name(init, lang)), metrics_file(stage)]
+    outputs = [paths.model_dir(training.model_name(init, lang)), paths.training_metrics_file(stage)]
     try:
         run_stage(
             stage,
@@ -279,13 +281,8 @@ def generate(
     params_file: ParamsFile = DEFAULT_PARAMS,
 ) -> None:
     """Stage generate@REGIME-LANG: n sampled completions per evaluation problem, into data/generations/."""
-    from budget_alignment import tracking
-    from budget_alignment.evaluation.generate import (
-        PARAM_KEYS,
-        GenerationError,
-        generate_for_regime,
-        generation_dir,
-    )
+    from budget_alignment import paths, tracking
+    from budget_alignment.evaluation.generate import PARAM_KEYS, GenerationError, generate_for_regime
     from budget_alignment.records import RecordError
 
     params = load(params_file)
@@ -293,7 +290,7 @@ def generate(
         fail(f"{regime}-{lang} is not evaluated with these params (evaluation.regimes, languages)")
     with tracking.stage_run(f"generate@{regime}-{lang}", params, PARAM_KEYS) as run:
         try:
-            generate_for_regime(params, regime, lang, generation_dir(regime, lang), run)
+            generate_for_regime(params, regime, lang, paths.generations_dir(regime, lang), run)
         except (GenerationError, RecordError, FileNotFoundError) as error:
             fail(str(error))
 

@@ -6,6 +6,7 @@ Every stage calls `load_params()`; `budget-align check-params` prints each error
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -361,8 +362,36 @@ class SftParams(TrainingParams):
     dataset: str = "chains"
 
 
+@dataclass(frozen=True)
+class MergeMethod:
+    """What a mergekit method needs of `merge.members` (the one place that says so; merge.py builds on it).
+
+    `task_vectors`: the members are merged as differences from a base model, which is the first member and must be
+    the pipeline's `base` (its own weight is unused). `members`: an exact member count (SLERP interpolates two
+    models; the first is its t=0 end and mergekit's `base_model`). `parameters`: keys the method cannot do without.
+    """
+
+    task_vectors: bool = False
+    members: int | None = None
+    parameters: tuple[str, ...] = ()
+
+    @property
+    def has_base_model(self) -> bool:
+        return self.task_vectors or self.members == 2
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {
+    "linear": MergeMethod(),
+    "task_arithmetic": MergeMethod(task_vectors=True),
+    "ties": MergeMethod(task_vectors=True),
+    "dare_ties": MergeMethod(task_vectors=True),
+    "dare_linear": MergeMethod(task_vectors=True),
+    "slerp": MergeMethod(members=2, parameters=("t",)),
+}
+
+
 class MergeParams(Section):
-    method: Literal["linear", "ties", "dare_ties", "dare_linear", "slerp", "task_arithmetic"] = "linear"
+    method: Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"] = "linear"
     # Members are model names: `base`, `sft-{lang}`, `grpo_base-{lang}`, `grpo_sft-{lang}`.
     members: list[str] = ["base", "sft-ja", "sft-fr", "sft-es"]
     weights: list[float] | None = None
@@ -377,6 +406,14 @@ class MergeParams(Section):
             raise ValueError(f"weights: {len(self.weights)} weights for {len(self.members)} members")
         if len(set(self.members)) != len(self.members):
             raise ValueError("members: must be distinct")
+        needs = MERGE_METHODS[self.method]
+        if needs.task_vectors and self.members[:1] != ["base"]:
+            raise ValueError(f"members: {self.method} merges differences from the base model: list `base` first")
+        if needs.members is not None and len(self.members) != needs.members:
+            raise ValueError(f"members: {self.method} takes exactly {needs.members} members, got {len(self.members)}")
+        missing = [key for key in needs.parameters if key not in self.parameters]
+        if missing:
+            raise ValueError(f"parameters: {self.method} needs {', '.join(missing)}")
         return self
 
 
@@ -459,12 +496,6 @@ class Params(Section):
                 errors.append(
                     f"merge.members: {member!r} is not a model of this pipeline ({', '.join(self.model_names())})"
                 )
-        if (
-            self.merge.members
-            and self.merge.members[0] != "base"
-            and self.merge.method in ("ties", "dare_ties", "task_arithmetic")
-        ):
-            errors.append(f"merge.members: {self.merge.method} needs `base` first (it is the base model)")
         if int(self.report.accuracy_metric.removeprefix("pass@")) not in self.evaluation.k:
             errors.append(f"report.accuracy_metric: {self.report.accuracy_metric} needs its k in evaluation.k")
         if errors:

@@ -1,14 +1,24 @@
-"""Where each artifact lives, relative to the repository root (`$DVC_ROOT` under DVC)."""
+"""Where each artifact lives, relative to the repository root (`$DVC_ROOT` under DVC): the one place that says so."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+REGIMES_WITH_ONE_MODEL = ("base", "merge")
+
 
 def repo_root() -> Path:
     """The project root: `$DVC_ROOT` when a DVC stage runs (also under `dvc exp run --temp`), else the cwd."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
+
+def cache_dir() -> Path:
+    """Downloads and other reusable work that is not a pipeline output (git-ignored, kept across runs)."""
+    return Path(os.environ.get("BUDGET_ALIGNMENT_CACHE") or repo_root() / ".cache")
+
+
+# --- models --------------------------------------------------------------------------------------------------------
 
 
 def data_dir() -> Path:
@@ -28,7 +38,7 @@ def model_dir(name: str) -> Path:
 
     One folder per regime, so a DVC stage can depend on `data/models/${regime}` for any regime.
     """
-    if name in ("base", "merge"):
+    if name in REGIMES_WITH_ONE_MODEL:
         return models_dir() / name
     regime, _, lang = name.partition("-")
     if regime in ("sft", "grpo_base", "grpo_sft") and lang:
@@ -36,17 +46,22 @@ def model_dir(name: str) -> Path:
     raise ValueError(f"unknown model name {name!r}")
 
 
-def cache_dir() -> Path:
-    """Downloads and other reusable work that is not a pipeline output (git-ignored, kept across runs)."""
-    return Path(os.environ.get("BUDGET_ALIGNMENT_CACHE") or repo_root() / ".cache")
+def model_for(regime: str, lang: str) -> str:
+    """The model a regime uses in a language: `sft` in ja is `sft-ja`; `base` and `merge` serve every language."""
+    return regime if regime in REGIMES_WITH_ONE_MODEL else f"{regime}-{lang}"
 
 
-def reports_dir() -> Path:
-    return Path("reports")
+def checkpoints_dir(stage: str) -> Path:
+    """A training stage's checkpoints (outside its output, which DVC deletes before the stage runs)."""
+    return cache_dir() / "checkpoints" / stage
 
 
-def budget_file(stage: str) -> Path:
-    return reports_dir() / "budget" / f"{stage}.json"
+def lora_merge_cache() -> Path:
+    """Where mergekit applies LoRA adapters to their parent models."""
+    return cache_dir() / "lora_merge"
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
 
 
 def ingested(dataset: str) -> Path:
@@ -61,6 +76,62 @@ def translated(dataset: str, lang: str) -> Path:
 def normalized(dataset: str, lang: str) -> Path:
     """What training and evaluation read: one file per dataset and language (English included)."""
     return data_dir() / "normalized" / dataset / f"{lang}.jsonl"
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+
+def generations_dir(regime: str, lang: str) -> Path:
+    """n completions per problem, one jsonl per evaluation set."""
+    return data_dir() / "generations" / f"{regime}-{lang}"
+
+
+def generation_work_dir(regime: str, lang: str) -> Path:
+    """Finished problems of an interrupted generate stage, kept for its rerun."""
+    return cache_dir() / "generations" / f"{regime}-{lang}"
+
+
+def scores_dir(regime: str, lang: str) -> Path:
+    """One Score record per completion, one jsonl per evaluation set."""
+    return data_dir() / "scores" / f"{regime}-{lang}"
+
+
+# --- reports -------------------------------------------------------------------------------------------------------
+
+
+def reports_dir() -> Path:
+    return Path("reports")
+
+
+def budget_file(stage: str) -> Path:
+    """A stage's run facts (wall time, memory, tokens): not a pipeline output, read by no stage."""
+    return reports_dir() / "budget" / f"{stage}.json"
+
+
+def training_metrics_file(stage: str) -> Path:
+    """A training stage's DVC metrics: steps, losses, tokens."""
+    return reports_dir() / "train" / f"{stage}.json"
+
+
+def score_metrics_file(regime: str, lang: str) -> Path:
+    """A score stage's metrics per evaluation set (pass@k, following, ...)."""
+    return reports_dir() / "scores" / f"{regime}-{lang}.json"
+
+
+def report_file() -> Path:
+    return reports_dir() / "report.md"
+
+
+def report_metrics_file() -> Path:
+    return reports_dir() / "metrics.json"
+
+
+def figures_dir() -> Path:
+    return reports_dir() / "figures"
+
+
+def plots_dir() -> Path:
+    return reports_dir() / "plots"
 
 
 def data_quality_dir() -> Path:

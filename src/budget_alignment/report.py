@@ -48,18 +48,6 @@ class ReportError(RuntimeError):
     """A score file the report needs is missing or unreadable."""
 
 
-def scores_file(regime: str, lang: str) -> Path:
-    return paths.reports_dir() / "scores" / f"{regime}-{lang}.json"
-
-
-def figures_dir() -> Path:
-    return paths.reports_dir() / "figures"
-
-
-def plots_dir() -> Path:
-    return paths.reports_dir() / "plots"
-
-
 def evaluated_pairs(params: Params) -> list[tuple[str, str]]:
     """Every (regime, lang) the pipeline evaluates, the English reference last."""
     pairs = [(regime, lang) for regime in params.evaluation.regimes for lang in params.languages]
@@ -72,7 +60,7 @@ def load_scores(params: Params) -> dict[tuple[str, str], dict[str, dict[str, flo
     """(regime, lang) -> dataset -> metric -> value, from reports/scores/*.json."""
     scores = {}
     for regime, lang in evaluated_pairs(params):
-        path = scores_file(regime, lang)
+        path = paths.score_metrics_file(regime, lang)
         try:
             scores[(regime, lang)] = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -416,9 +404,9 @@ def build_report(params: Params, run: StageRun | None = None) -> dict[str, float
     flat["pareto.grpo_sft_dominates_base"] = counts["grpo_sft_dominates_base"]
     flat["pareto.pairs"] = counts["pairs"]
     budgets = load_budgets()
-    figures = draw_figures(flat, params, figures_dir())
+    figures = draw_figures(flat, params, paths.figures_dir())
     for name, records in plot_data(flat, params).items():
-        write_json(plots_dir() / f"{name}.json", records)
+        write_json(paths.plots_dir() / f"{name}.json", records)
 
     english = (
         "with the Base model asked in English as the reference line" if params.evaluation.english_reference else ""
@@ -441,14 +429,14 @@ def build_report(params: Params, run: StageRun | None = None) -> dict[str, float
             budget_section(budgets),
         ]
     )
-    with atomic_write(paths.reports_dir() / "report.md") as handle:
+    with atomic_write(paths.report_file()) as handle:
         handle.write(markdown + "\n")
-    write_json(paths.reports_dir() / "metrics.json", flat)
+    write_json(paths.report_metrics_file(), flat)
     if run is not None:
         run.log_metrics(flat)
         for figure in figures:
             run.log_artifact(figure, "figures")
-        run.log_artifact(paths.reports_dir() / "report.md")
+        run.log_artifact(paths.report_file())
         run.add_output(paths.reports_dir())
     log.info(
         "report: GRPO-from-SFT strictly dominates Base in %d of %d pairs",

@@ -4,6 +4,13 @@ Work happens in batches of whole problems with a seed derived from (seed, datase
 samples the same completions whether it runs in one go or after a crash. Finished problems are appended to a
 work file under the cache as soon as their batch ends; a killed run resumes from there and regenerates only the
 unfinished batches. The finished files are then moved into the stage's output folder at once.
+
+A LoRA adapter is sampled on the parent model it records (`loading.adapter_parent`): the base, or the fully
+fine-tuned SFT model a GRPO adapter was trained on. Prompts are the chat template's text, tokenized without added
+special tokens (the template writes any BOS itself), for both backends.
+
+The output is a pure function of the model and the params: the run's own facts (time, reused work) go to the
+stage's budget and MLflow.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from budget_alignment import loading, paths, prompts
 from budget_alignment.fingerprints import tree_digest
 from budget_alignment.io import atomic_directory, atomic_write, write_json
 from budget_alignment.params import Params
+from budget_alignment.prompts import prompt_token_ids
 from budget_alignment.records import Completion, Problem, read_records
 from budget_alignment.tracking import StageRun
 
@@ -42,15 +50,6 @@ class GenerationError(RuntimeError):
     """The model to sample from is missing or the backend cannot run."""
 
 
-def model_for(regime: str, lang: str) -> str:
-    """The model a regime uses in a language: `sft` in ja is `sft-ja`; `base` and `merge` serve every language."""
-    return regime if regime in ("base", "merge") else f"{regime}-{lang}"
-
-
-def generation_dir(regime: str, lang: str) -> Path:
-    return paths.data_dir() / "generations" / f"{regime}-{lang}"
-
-
 @dataclass(frozen=True)
 class Sample:
     text: str
@@ -65,11 +64,12 @@ class Backend(Protocol):
 
 
 class TransformersBackend:
-    """Batched sampling with left padding and the KV cache; a LoRA adapter is loaded on the base, unmerged.
+    """Batched sampling with left padding and the KV cache; a LoRA adapter is loaded on its parent, unmerged.
 
     The decoding loop is this class's own rather than transformers' `generate`, whose sampling step (a sort and a
-    multinomial draw over the whole vocabulary for every sequence) cost 0.25 s of a 0.6 s CPU step for 64 sequences
-    of SmolLM2. It samples as vLLM does: temperature, then top-p, no top-k (`generate` would add top_k=50).
+    multinomial draw over the whole vocabulary for every sequence) was a large part of a CPU step
+    (benchmarks/generation.py). It samples as vLLM does: temperature, then top-p, no top-k (`generate` would add
+    top_k=50).
     """
 
     def __init__(self, params: Params, model_dir: Path) -> None:
@@ -77,19 +77,11 @@ class TransformersBackend:
 
         settings = params.evaluation
         self.settings = settings
-        self.device = "cuda" if params.compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+        self.device = "cuda" if loading.gpu_available(params.compute) else "cpu"
         if params.compute.torch_threads:
             torch.set_num_threads(params.compute.torch_threads)
-        is_adapter = (model_dir / "adapter_config.json").is_file()
-        weights_dir = paths.base_model_dir() if is_adapter else model_dir
-        tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else paths.base_model_dir()
-        trust = loading.trusts_remote_code(params)
-        self._tokenizer = loading.load_tokenizer(tokenizer_dir, trust_remote_code=trust, padding_side="left")
-        dtype = getattr(torch, params.base_model.dtype) if self.device == "cuda" else torch.float32
-        model = loading.load_causal_lm(weights_dir, dtype, trust_remote_code=trust, on_cpu=self.device == "cpu")
-        if is_adapter:
-            model = loading.load_adapter(model, model_dir)
-        self.model = model.to(self.device).eval()
+        self._tokenizer = loading.load_model_tokenizer(model_dir, params, padding_side="left")
+        self.model = loading.load_model(model_dir, params).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(
             eos if isinstance(eos, list) else [eos if eos is not None else self._tokenizer.eos_token_id]
@@ -103,8 +95,9 @@ class TransformersBackend:
         from transformers import DynamicCache, StaticCache
 
         settings = self.settings
-        # The chat template already wrote any BOS token into the prompt text.
-        encoded = self._tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = self._tokenizer.pad(
+            {"input_ids": [prompt_token_ids(self._tokenizer, text) for text in prompts]}, return_tensors="pt"
+        )
         ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         generator = torch.Generator(self.device).manual_seed(seed)
@@ -149,28 +142,47 @@ class TransformersBackend:
         )
 
 
+@dataclass(frozen=True)
+class VllmEngine:
+    """What vLLM is started with for a model folder: the whole model, its options, and the adapter if any."""
+
+    model: Path
+    options: dict[str, Any]
+    adapter: Path | None
+
+
+def vllm_engine(params: Params, model_dir: Path) -> VllmEngine:
+    """A whole model as it is; an adapter as a LoRA request on the parent model it was trained on."""
+    loading.require_safetensors(model_dir)
+    options: dict[str, Any] = {
+        "tensor_parallel_size": params.evaluation.tensor_parallel_size,
+        "seed": params.seed,
+        "trust_remote_code": loading.trusts_remote_code(params),
+        "dtype": params.base_model.dtype,
+    }
+    if not loading.is_adapter(model_dir):
+        return VllmEngine(model_dir.resolve(), options, None)
+    rank = json.loads((model_dir / loading.ADAPTER_CONFIG).read_text(encoding="utf-8"))["r"]
+    options |= {"enable_lora": True, "max_lora_rank": max(8, rank)}
+    return VllmEngine(loading.weights_folder(model_dir).resolve(), options, model_dir.resolve())
+
+
+def vllm_prompts(tokenizer: Any, texts: list[str]) -> list[dict[str, list[int]]]:
+    """vLLM's prompt inputs: token ids exactly as the chat template wrote them (vLLM would add a BOS to text)."""
+    return [{"prompt_token_ids": prompt_token_ids(tokenizer, text)} for text in texts]
+
+
 class VllmBackend:
-    """vLLM offline batch generation (GPU); a LoRA adapter goes through `enable_lora`."""
+    """vLLM offline batch generation (GPU); a LoRA adapter goes through `enable_lora` on its parent model."""
 
     def __init__(self, params: Params, model_dir: Path) -> None:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
         self.settings = params.evaluation
-        is_adapter = (model_dir / "adapter_config.json").is_file()
-        options: dict[str, Any] = {
-            "tensor_parallel_size": self.settings.tensor_parallel_size,
-            "seed": params.seed,
-            "trust_remote_code": loading.trusts_remote_code(params),
-            "dtype": params.base_model.dtype,
-        }
-        self.lora = None
-        loading.require_safetensors(model_dir)
-        if is_adapter:
-            rank = json.loads((model_dir / "adapter_config.json").read_text())["r"]
-            options |= {"enable_lora": True, "max_lora_rank": max(8, rank)}
-            self.lora = LoRARequest(model_dir.name, 1, str(model_dir.resolve()))
-        self.llm = LLM(model=str((paths.base_model_dir() if is_adapter else model_dir).resolve()), **options)
+        engine = vllm_engine(params, model_dir)
+        self.llm = LLM(model=str(engine.model), **engine.options)
+        self.lora = LoRARequest(model_dir.name, 1, str(engine.adapter)) if engine.adapter else None
 
     def tokenizer(self) -> Any:
         return self.llm.get_tokenizer()
@@ -185,7 +197,9 @@ class VllmBackend:
             max_tokens=self.settings.max_new_tokens,
             seed=seed,
         )
-        outputs = self.llm.generate(prompts, sampling, lora_request=self.lora, use_tqdm=False)
+        outputs = self.llm.generate(
+            vllm_prompts(self.tokenizer(), prompts), sampling, lora_request=self.lora, use_tqdm=False
+        )
         return [
             [Sample(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop") for c in o.outputs]
             for o in outputs
@@ -236,12 +250,10 @@ def batches(items: list[T], size: int) -> Iterator[tuple[int, list[T]]]:
         yield index, items[start : start + size]
 
 
-def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
-    """What the completions depend on; a work file made under another fingerprint is discarded."""
+def sampling_settings(params: Params, lang: str) -> dict[str, Any]:
+    """The params the completions depend on (besides the model)."""
     settings = params.evaluation
     return {
-        "model": str(model_dir),
-        "model_state": tree_digest(model_dir, contents=False),
         "lang": lang,
         "seed": params.seed,
         "backend": settings.backend,
@@ -253,6 +265,14 @@ def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
         "limit": settings.limit,
         "prompts": params.prompts.model_dump(),
     }
+
+
+def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
+    """What the completions depend on; a work file made under another fingerprint is discarded."""
+    model_state = tree_digest(loading.weights_folder(model_dir), contents=False)
+    if loading.is_adapter(model_dir):
+        model_state += tree_digest(model_dir, contents=False)
+    return {"model": str(model_dir), "model_state": model_state, **sampling_settings(params, lang)}
 
 
 def finished_problems(work_file: Path, n: int) -> dict[str, list[Completion]]:
@@ -270,15 +290,21 @@ def finished_problems(work_file: Path, n: int) -> dict[str, list[Completion]]:
 
 
 def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: StageRun | None = None) -> dict:
-    """Sample `evaluation.n` completions for every evaluation problem in `lang` with the regime's model."""
+    """Sample `evaluation.n` completions for every evaluation problem in `lang` with the regime's model.
+
+    Returns the output's summary (`generation.json`) and this run's facts (tokens generated, completions reused
+    from an interrupted run, seconds), which go to the budget and MLflow, not into the output.
+    """
     from tqdm import tqdm
 
     settings = params.evaluation
-    model_name = model_for(regime, lang)
+    model_name = paths.model_for(regime, lang)
     model_dir = paths.model_dir(model_name)
-    if not model_dir.is_dir():
-        raise GenerationError(f"model {model_name} not found at {model_dir}; run its stage first")
-    work = paths.cache_dir() / "generations" / f"{regime}-{lang}"
+    try:
+        loading.require_model(model_dir, f"model {model_name}")
+    except loading.ModelFolderError as error:
+        raise GenerationError(str(error)) from None
+    work = paths.generation_work_dir(regime, lang)
     meta = fingerprint(params, model_dir, lang)
     meta_file = work / META_FILE
     if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
@@ -335,26 +361,30 @@ def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: 
             elapsed = time.perf_counter() - started
             progress.set_postfix(tokens_per_s=f"{generated_tokens / max(elapsed, 1e-9):.0f}")
 
-    summary = {
+    summary: dict[str, Any] = {
         "regime": regime,
         "lang": lang,
         "model": model_name,
         "completions": total,
-        "reused_completions": reused,
-        "tokens_generated": generated_tokens,
-        "generation_seconds": round(time.perf_counter() - started, 3),
-        "sampling": meta,
+        "sampling": sampling_settings(params, lang),
     }
     with atomic_directory(out) as tmp:
         for dataset in problem_sets:
+            completions = read_records(work / f"{dataset}.jsonl", Completion)
+            summary[f"{dataset}_tokens"] = sum(completion.tokens for completion in completions)
             shutil.copyfile(work / f"{dataset}.jsonl", tmp / f"{dataset}.jsonl")
         write_json(tmp / META_FILE, summary)
     shutil.rmtree(work, ignore_errors=True)
+    facts = {
+        "tokens_generated": generated_tokens,
+        "reused_completions": reused,
+        "generation_seconds": round(time.perf_counter() - started, 3),
+    }
     if run is not None:
         run.add_output(out)
-        run.add_budget(tokens_generated=generated_tokens, completions=total)
-        run.log_metrics({"tokens_generated": generated_tokens, "reused_completions": reused})
-    return summary
+        run.add_budget(completions=total, **facts)
+        run.log_metrics(facts)
+    return summary | facts
 
 
 def _rewrite(work_file: Path, done: dict[str, list[Completion]]) -> None:
