@@ -143,6 +143,21 @@ def test_a_crashed_run_resumes_without_regenerating_finished_problems(project, m
     assert completions(out) == expected
 
 
+def test_replica_processes_write_the_same_output_as_one_process(project):
+    """Generation spread over engine replicas (processes; on GPUs one per GPU group) draws the same samples."""
+    one = paths.generations_dir("base", "fr")
+    generate.generate_for_regime(tiny_params(), "base", "fr", one)
+    two = Path("data/generations/two-replicas")
+    params = tiny_params().model_copy(
+        update={"compute": tiny_params().compute.model_copy(update={"generation_replicas": 2})}
+    )
+    assert generate.replica_count(params) == 2
+    summary = generate.generate_for_regime(params, "base", "fr", two)
+    assert summary["reused_completions"] == 0
+    for name in ("college_math.jsonl", generate.META_FILE):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
 def test_changed_sampling_settings_discard_an_interrupted_run(project):
     work = project / ".cache/generations/base-fr"
     work.mkdir(parents=True)

@@ -61,8 +61,8 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
         "grpo.top_p=0.9",
         "grpo.max_completion_length=33",
         "grpo.mask_truncated_completions=true",
-        "grpo.per_device_batch_size=6",
-        "grpo.gradient_accumulation_steps=3",
+        "grpo.prompts_per_step=9",
+        "grpo.per_device_batch_size=7",
         "grpo.max_steps=5",
         "grpo.save_steps=3",
     ]
@@ -81,8 +81,10 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
         "top_p": 0.9,
         "max_completion_length": 33,
         "mask_truncated_completions": True,
+        # 9 prompts x 2 rollouts = 18 completions per step on one process: 6 at once (7 would not divide 18) x 3.
         "per_device_train_batch_size": 6,
         "gradient_accumulation_steps": 3,
+        "generation_batch_size": 18,
         "max_steps": 5,
         "save_steps": 3,
         "use_vllm": False,
@@ -184,7 +186,15 @@ def test_the_grpo_stage_logs_each_reward_to_its_mlflow_run(project):
     params = tiny_params(grpo=FAST_GRPO | {"max_steps": 2}, tracking={"enabled": True, "experiment": "grpo-test"})
     stage = grpo.stage_name("base", "ja")
     outputs = [paths.model_dir("grpo_base-ja"), paths.training_metrics_file(stage)]
-    launch.run_stage(stage, params, grpo.SECTIONS, [], outputs, lambda run: grpo.train_grpo(params, "base", "ja", run))
+    launch.run_stage(
+        stage,
+        params,
+        grpo.SECTIONS,
+        [],
+        outputs,
+        lambda run: grpo.train_grpo(params, "base", "ja", run),
+        batch_key=grpo.BATCH_KEY,
+    )
 
     out = paths.model_dir("grpo_base-ja")
     assert (out / "adapter_model.safetensors").is_file() and not list(out.glob("*.bin"))

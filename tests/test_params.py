@@ -71,7 +71,7 @@ DELETE = object()
 INVALID = [
     ({"grpo.clip_high": 0.1}, "grpo.clip_high"),
     ({"grpo.clip_low": 1.5}, "grpo.clip_low"),
-    ({"grpo.num_generations": 3}, "grpo.num_generations"),
+    ({"grpo.num_generations": 1}, "grpo.num_generations"),
     ({"grpo.loss_type": "ppo"}, "grpo.loss_type"),
     ({"grpo.reward_weights": {"accuracy": 1.0}}, "grpo.reward_weights"),
     ({"grpo.unknown_knob": 1}, "grpo.unknown_knob"),
@@ -97,7 +97,9 @@ INVALID = [
     ({"sft.max_length": {"ja": 256}}, "sft.max_length"),
     ({"evaluation.datasets": ["college_math", "nope"]}, "evaluation.datasets"),
     ({"compute.num_processes": 0}, "compute.num_processes"),
-    ({"grpo.per_device_batch_size": 6}, "grpo.num_generations"),
+    # A global batch the processes cannot share is an error naming it, before any work.
+    ({"compute.num_processes": 3}, "sft.batch_size"),
+    ({"compute.num_processes": 3, "sft.batch_size": 3}, "grpo.prompts_per_step"),
     ({"profile": DELETE}, "profile"),
     ({"normalize.de": {}}, "normalize"),
     ({"trust_remote_code": ["someone/else"]}, "trust_remote_code"),

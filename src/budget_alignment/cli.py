@@ -195,6 +195,8 @@ def sft(
             ["sft", lang, "--params", str(params_file)],
             outputs,
             lambda run: training.train_sft(params, lang, run),
+            batch_key=training.BATCH_KEY,
+            full_finetune=not params.sft.use_lora,
         )
     except TrainingError as error:
         fail(str(error))
@@ -227,6 +229,7 @@ def grpo(
             ["grpo", init, lang, "--params", str(params_file)],
             outputs,
             lambda run: training.train_grpo(params, init, lang, run),
+            batch_key=training.BATCH_KEY,
         )
     except TrainingError as error:
         fail(str(error))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from budget_alignment import paths
+from budget_alignment.errors import StageError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,15 +31,15 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-class UnsafeModelError(RuntimeError):
+class UnsafeModelError(StageError, RuntimeError):
     """A model folder holds only pickle weights, which this project never loads."""
 
 
-class ModelFolderError(RuntimeError):
+class ModelFolderError(StageError, RuntimeError):
     """A model folder is missing, or an adapter's parent model is not where the adapter says."""
 
 
-class DeviceError(RuntimeError):
+class DeviceError(StageError, RuntimeError):
     """The params ask for a device this machine does not have."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from budget_alignment import loading, paths
+from budget_alignment.errors import StageError
 from budget_alignment.io import atomic_directory
 from budget_alignment.params import MERGE_METHODS, Params
 from budget_alignment.tracking import StageRun
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "merge_config.yaml"
 
 
-class MergeError(RuntimeError):
+class MergeError(StageError, RuntimeError):
     """A member is missing or mergekit refused the configuration."""
 
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from budget_alignment import paths
+from budget_alignment.errors import StageError
 from budget_alignment.languages import supported_languages
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -31,10 +32,19 @@ class Section(BaseModel):
 
 class ComputeParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_processes: PositiveInt = 1
-    # Used by `accelerate launch` when num_processes > 1 (DDP, FSDP or DeepSpeed ZeRO-3 under conf/accelerate/).
-    accelerate_config: str = "conf/accelerate/ddp.yaml"
+    # Processes a training stage runs on (one per GPU); `auto`: every visible GPU (one process without a GPU). The
+    # recipe's global batches are params of their own, so more processes never change the recipe.
+    num_processes: PositiveInt | Literal["auto"] = 1
+    # The `accelerate launch` config when a stage runs on several processes. `auto`: data parallel
+    # (conf/accelerate/ddp.yaml) for LoRA and on the CPU; `sharding` for a full fine-tune on GPUs.
+    accelerate_config: str = "auto"
+    # How a full fine-tune is sharded over GPUs: FSDP (conf/accelerate/fsdp.yaml) or DeepSpeed ZeRO-3
+    # (conf/accelerate/zero3.yaml, needs the `deepspeed` extra).
+    sharding: Literal["fsdp", "zero3"] = "fsdp"
     torch_threads: int | None = Field(default=None, gt=0)
+    # Generation engines side by side, each on its own `evaluation.tensor_parallel_size` GPUs; `auto`: as many as
+    # the visible GPUs hold (vLLM), one otherwise. The completions do not depend on it (batches are fixed by params).
+    generation_replicas: PositiveInt | Literal["auto"] = "auto"
 
 
 # --- base model ----------------------------------------------------------------------------------------------------
@@ -71,8 +81,10 @@ class TrainingParams(Section):
     learning_rate: Annotated[float, Field(gt=0)] = 1e-5
     num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: int = Field(default=-1, ge=-1, description="-1: train for num_train_epochs")
+    # Examples per optimizer step over all processes: the recipe's figure. Each process takes batch_size /
+    # num_processes of them, at most `per_device_batch_size` at once; gradient accumulation makes up the rest.
+    batch_size: PositiveInt = 1
     per_device_batch_size: PositiveInt = 1
-    gradient_accumulation_steps: PositiveInt = 1
     # Per language, because a tokenizer can make one language twice as long as another.
     max_length: dict[str, PositiveInt] = {"default": 1024}
     # A share of the training steps (below 1: TrainingArguments reads a warmup of 1 or more as a step count).
@@ -339,8 +351,10 @@ class GrpoParams(Section):
     max_prompt_length: PositiveInt = 1024
     max_completion_length: PositiveInt = 4096
     mask_truncated_completions: bool = True
+    # Prompts per optimizer step, each sampled `num_generations` times (the recipe's figures; the paper: one prompt's
+    # 24 rollouts). Each process takes its share of the completions, at most `per_device_batch_size` at once.
+    prompts_per_step: PositiveInt = 1
     per_device_batch_size: PositiveInt = 24
-    gradient_accumulation_steps: PositiveInt = 1
     num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: int = Field(default=-1, ge=-1)
     save_steps: PositiveInt = 50
@@ -483,14 +497,8 @@ class Params(Section):
         if unknown_norm:
             errors.append(f"normalize: {unknown_norm} not in languages")
         errors.extend(data_section_errors(self))
-        generation_batch = (
-            self.grpo.per_device_batch_size * self.grpo.gradient_accumulation_steps * self.compute.num_processes
-        )
-        if generation_batch % self.grpo.num_generations:
-            errors.append(
-                f"grpo.num_generations: {self.grpo.num_generations} must divide the generation batch "
-                f"(per_device_batch_size x gradient_accumulation_steps x compute.num_processes = {generation_batch})"
-            )
+        if isinstance(self.compute.num_processes, int):
+            errors.extend(split_errors(self, self.compute.num_processes))
         for member in self.merge.members:
             if member not in self.model_names():
                 errors.append(
@@ -532,7 +540,29 @@ class Params(Section):
         return [name for name, dataset in self.datasets.items() if dataset.role == role]
 
 
-class ParamsError(ValueError):
+def global_batches(params: Params) -> dict[str, int]:
+    """The recipe's global batches, by the key that sets them: SFT examples, GRPO completions per optimizer step."""
+    batches = {
+        "sft.batch_size": params.sft.batch_size,
+        "grpo.prompts_per_step": params.grpo.prompts_per_step * params.grpo.num_generations,
+    }
+    if params.base_model.reasoning_prior:
+        batches["base_model.reasoning_prior.training.batch_size"] = (
+            params.base_model.reasoning_prior.training.batch_size
+        )
+    return batches
+
+
+def split_errors(params: Params, processes: int, keys: list[str] | None = None) -> list[str]:
+    """Each global batch (of `keys`, default all) the processes cannot share evenly, named with both numbers."""
+    return [
+        f"{key}: {size} per step cannot be split evenly over {processes} processes (compute.num_processes)"
+        for key, size in global_batches(params).items()
+        if size % processes and (keys is None or key in keys)
+    ]
+
+
+class ParamsError(StageError, ValueError):
     """params.yaml is missing, not YAML, or breaks a rule; the message names every broken key."""
 
 

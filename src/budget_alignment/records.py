@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from budget_alignment.errors import StageError
 from budget_alignment.io import atomic_write
 
 CHOICE_LETTERS = "ABCDEFGHIJ"
@@ -82,7 +83,7 @@ class Score(Record):
     format_ok: bool
 
 
-class RecordError(ValueError):
+class RecordError(StageError, ValueError):
     """A record file that cannot be read: names the file, the line and the field."""
 
 

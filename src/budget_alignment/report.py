@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from budget_alignment import paths
+from budget_alignment.errors import StageError
 from budget_alignment.io import atomic_write, write_json
 from budget_alignment.params import Params
 from budget_alignment.tracking import StageRun
@@ -44,7 +45,7 @@ DELTAS = [
 ]
 
 
-class ReportError(RuntimeError):
+class ReportError(StageError, RuntimeError):
     """A score file the report needs is missing or unreadable."""
 
 

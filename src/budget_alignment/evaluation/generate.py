@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from budget_alignment import loading, paths, prompts
+from budget_alignment.errors import StageError
 from budget_alignment.fingerprints import tree_digest
 from budget_alignment.io import atomic_directory, atomic_write, write_json
 from budget_alignment.params import Params
@@ -46,7 +47,7 @@ PARAM_KEYS = [
 ]
 
 
-class GenerationError(RuntimeError):
+class GenerationError(StageError, RuntimeError):
     """The model to sample from is missing or the backend cannot run."""
 
 
@@ -289,6 +290,84 @@ def finished_problems(work_file: Path, n: int) -> dict[str, list[Completion]]:
     return {pid: samples for pid, samples in done.items() if len(samples) == n}
 
 
+@dataclass(frozen=True)
+class Job:
+    """One backend call: a batch of prompts (one per problem) and its seed, fixed by params."""
+
+    index: int
+    texts: list[str]
+    seed: int
+
+
+def replica_count(params: Params) -> int:
+    """Engines side by side (`compute.generation_replicas`; auto: one per `tensor_parallel_size` visible GPUs)."""
+    replicas = params.compute.generation_replicas
+    if replicas != "auto":
+        return replicas
+    if params.evaluation.backend != "vllm" or not loading.gpu_available(params.compute):
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count() // params.evaluation.tensor_parallel_size)
+
+
+def sample_jobs(params: Params, model_dir: Path, jobs: list[Job]) -> Iterator[tuple[Job, list[list[Sample]]]]:
+    """Each job with its samples, as jobs finish: in this process, or spread over replica processes (one engine
+    each, on its own GPUs), whose results come back in any order."""
+    replicas = min(replica_count(params), len(jobs))
+    if replicas <= 1:
+        backend = BACKENDS[params.evaluation.backend](params, model_dir) if jobs else None
+        for job in jobs:
+            yield job, backend.generate(job.texts, params.evaluation.n, job.seed)
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh process per engine: CUDA and torch threads of its own
+    pending, results = context.Queue(), context.Queue()
+    for job in jobs:
+        pending.put(job)
+    gpus = params.evaluation.tensor_parallel_size if params.evaluation.backend == "vllm" else 0
+    workers = [
+        context.Process(
+            target=_replica,
+            args=(rank, gpus, params.model_dump_json(), str(model_dir), pending, results),
+            name=f"generate replica {rank}",
+            daemon=True,
+        )
+        for rank in range(replicas)
+    ]
+    for worker in workers:
+        pending.put(None)  # one end marker per replica
+        worker.start()
+    by_index = {job.index: job for job in jobs}
+    try:
+        for _ in jobs:
+            index, outcome = results.get()
+            if isinstance(outcome, str):
+                raise GenerationError(f"replica failed: {outcome}")
+            yield by_index[index], outcome
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
+
+
+def _replica(rank: int, gpus: int, params_json: str, model_dir: str, pending: Any, results: Any) -> None:
+    """A replica process: its own GPUs (`gpus` per replica, none on the CPU), one engine, jobs until the end marker."""
+    import os
+
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(rank * gpus + i) for i in range(gpus))
+    params = Params.model_validate_json(params_json)
+    try:
+        backend = BACKENDS[params.evaluation.backend](params, Path(model_dir))
+        while (job := pending.get()) is not None:
+            results.put((job.index, backend.generate(job.texts, params.evaluation.n, job.seed)))
+    except Exception as error:  # reported to the stage, which fails with it
+        results.put((-1, f"{type(error).__name__}: {error}"))
+
+
 def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: StageRun | None = None) -> dict:
     """Sample `evaluation.n` completions for every evaluation problem in `lang` with the regime's model.
 
@@ -318,29 +397,31 @@ def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: 
         problems = read_records(paths.normalized(dataset, lang), Problem)
         problem_sets[dataset] = problems[: settings.limit] if settings.limit else problems
     total = sum(len(p) for p in problem_sets.values()) * settings.n
-    # One batch may span the evaluation sets: a decoding step costs nearly the same for 32 or 128 sequences on a
-    # CPU, so pooling the sets is up to four times faster than a batch per set. The batches are fixed by params,
-    # so that a resumed run draws the same samples.
+    # One batch may span the evaluation sets (a decoding step costs nearly the same for more sequences), and the
+    # batches are fixed by params, so that a resumed run, or one on more replicas, draws the same samples.
     pooled = [(dataset, problem) for dataset, problems in problem_sets.items() for problem in problems]
     per_batch = max(1, settings.batch_size // settings.n)
-    backend: Backend | None = None
-    generated_tokens, reused, started = 0, 0, time.perf_counter()
+    started = time.perf_counter()
     done: dict[str, dict[str, list[Completion]]] = {}
     for dataset in problem_sets:
         work_file = work / f"{dataset}.jsonl"
         done[dataset] = finished_problems(work_file, settings.n)
         _rewrite(work_file, done[dataset])  # drop torn lines and partial problems before appending
-        reused += sum(len(v) for v in done[dataset].values())
+    reused = sum(len(samples) for finished in done.values() for samples in finished.values())
+    tokenizer = loading.load_model_tokenizer(model_dir, params) if reused < total else None
+    batch_of: dict[int, list[tuple[str, Problem]]] = {}
+    jobs = []
+    for index, batch in batches(pooled, per_batch):
+        if all(problem.id in done[dataset] for dataset, problem in batch):
+            continue
+        batch_of[index] = batch
+        texts = [prompts.generation_prompt(tokenizer, p, params.prompts, lang) for _, p in batch]
+        jobs.append(Job(index, texts, batch_seed(params.seed, "pooled", index)))
+    generated_tokens = 0
     with tqdm(total=total, initial=reused, desc=f"generate {regime}-{lang}", unit="completion") as progress:
-        for index, batch in batches(pooled, per_batch):
-            todo = [(dataset, p) for dataset, p in batch if p.id not in done[dataset]]
-            if not todo:
-                continue
-            if backend is None:
-                backend = BACKENDS[settings.backend](params, model_dir)
-            texts = [prompts.generation_prompt(backend.tokenizer(), p, params.prompts, lang) for _, p in batch]
-            results = backend.generate(texts, settings.n, batch_seed(params.seed, "pooled", index))
-            for dataset in dict.fromkeys(dataset for dataset, _ in todo):
+        for job, results in sample_jobs(params, model_dir, jobs):
+            batch = batch_of[job.index]
+            for dataset in dict.fromkeys(dataset for dataset, _ in batch):
                 with (work / f"{dataset}.jsonl").open("a", encoding="utf-8") as handle:
                     for (source, problem), samples in zip(batch, results, strict=True):
                         if source != dataset or problem.id in done[dataset]:
@@ -357,7 +438,7 @@ def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: 
                             )
                             handle.write(completion.model_dump_json() + "\n")
                             generated_tokens += sample.tokens
-            progress.update(len(todo) * settings.n)
+            progress.update(sum(settings.n for dataset, p in batch if p.id not in done[dataset]))
             elapsed = time.perf_counter() - started
             progress.set_postfix(tokens_per_s=f"{generated_tokens / max(elapsed, 1e-9):.0f}")
 
@@ -369,10 +450,15 @@ def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: 
         "sampling": sampling_settings(params, lang),
     }
     with atomic_directory(out) as tmp:
-        for dataset in problem_sets:
-            completions = read_records(work / f"{dataset}.jsonl", Completion)
+        for dataset, problems in problem_sets.items():
+            # In problem order whatever order batches finished in (a resumed run, several replicas).
+            position = {problem.id: i for i, problem in enumerate(problems)}
+            completions = sorted(
+                read_records(work / f"{dataset}.jsonl", Completion), key=lambda c: (position[c.problem_id], c.sample)
+            )
             summary[f"{dataset}_tokens"] = sum(completion.tokens for completion in completions)
-            shutil.copyfile(work / f"{dataset}.jsonl", tmp / f"{dataset}.jsonl")
+            with atomic_write(tmp / f"{dataset}.jsonl") as handle:
+                handle.writelines(completion.model_dump_json() + "\n" for completion in completions)
         write_json(tmp / META_FILE, summary)
     shutil.rmtree(work, ignore_errors=True)
     facts = {

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from budget_alignment import paths
+from budget_alignment.errors import StageError
 from budget_alignment.io import write_json
 from budget_alignment.params import Params, ScoringParams
 from budget_alignment.records import Completion, Problem, RecordError, Score, read_records, write_records
@@ -38,7 +39,7 @@ Job = tuple[str, str, str, str, dict[str, str] | None]
 Verdict = tuple[str | None, bool, bool, bool, bool]
 
 
-class ScoringError(ValueError):
+class ScoringError(StageError, ValueError):
     """The inputs of the score stage do not fit together (unknown problem, too few samples, duplicates)."""
 
 

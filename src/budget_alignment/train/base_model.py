@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from budget_alignment import paths
+from budget_alignment.errors import StageError
 from budget_alignment.fingerprints import sha256_file
 from budget_alignment.hub import warn_if_unpinned
 from budget_alignment.io import atomic_directory, write_json
@@ -43,7 +44,7 @@ HUB_FILE_PATTERNS = [
 PROVENANCE_FILE = "provenance.json"
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(StageError, RuntimeError):
     """The base model cannot be obtained: unreachable source, missing revision or file, or a hash mismatch."""
 
 

@@ -46,6 +46,10 @@ Init = Literal["base", "sft"]
 SECTIONS = ["grpo", "prompts", "scoring", "compute"]
 
 
+# The param that sets GRPO's global batch (with num_generations).
+BATCH_KEY = "grpo.prompts_per_step"
+
+
 def stage_name(init: str, lang: str) -> str:
     return f"grpo@{init}-{lang}"
 
@@ -112,6 +116,9 @@ def grpo_config(
     """`grpo.*` as TRL's GRPOConfig, one field per param (reward weights in the order of `reward_weights`)."""
     from trl import GRPOConfig
 
+    batch = setup.batch_plan(
+        grpo.prompts_per_step * grpo.num_generations, grpo.per_device_batch_size, setup.world_size(), BATCH_KEY
+    )
     return GRPOConfig(
         **setup.common_arguments(
             stage=stage,
@@ -135,8 +142,8 @@ def grpo_config(
         top_p=grpo.top_p,
         max_completion_length=grpo.max_completion_length,
         mask_truncated_completions=grpo.mask_truncated_completions,
-        per_device_train_batch_size=grpo.per_device_batch_size,
-        gradient_accumulation_steps=grpo.gradient_accumulation_steps,
+        per_device_train_batch_size=batch.per_device,
+        gradient_accumulation_steps=batch.accumulation,
         num_train_epochs=grpo.num_train_epochs,
         max_steps=grpo.max_steps,
         use_vllm=grpo.use_vllm,

@@ -64,6 +64,10 @@ def training_metrics(trainer: Trainer) -> dict[str, Any]:
     summary = next((entry for entry in reversed(state.log_history) if "train_loss" in entry), {})
     return {
         "global_step": state.global_step,
+        # Examples (SFT) or completions (GRPO) per optimizer step over all processes: the recipe's batch.
+        "global_batch_size": trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps
+        * trainer.args.world_size,
         "epoch": round(state.epoch or 0.0, 4),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

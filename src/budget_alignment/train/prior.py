@@ -98,6 +98,7 @@ def apply_reasoning_prior(params: Params, model_dir: Path, run: StageRun | None 
         seed=params.seed,
         checkpoint_dir=checkpoint_dir,
         run=run,
+        batch_key="base_model.reasoning_prior.training.batch_size",
     )
     model = trainer.model.merge_and_unload() if training.use_lora else trainer.model
     model = model.to(getattr(torch, params.base_model.dtype))

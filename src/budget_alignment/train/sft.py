@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The param that sets the global batch (the reasoning prior has its own).
+BATCH_KEY = "sft.batch_size"
 # The params sections the stage reads (dvc.yaml lists the same; `seed` and `profile` are always logged).
 SECTIONS = ["sft", "prompts", "compute"]
 
@@ -76,9 +78,12 @@ def sft_config(
     seed: int,
     output_dir: Path,
     report_to: str | list[str],
+    batch_key: str = BATCH_KEY,
 ) -> SFTConfig:
+    """The SFT hyper-parameters as TRL's SFTConfig; the global batch is split over this run's processes."""
     from trl import SFTConfig
 
+    batch = setup.batch_plan(training.batch_size, training.per_device_batch_size, setup.world_size(), batch_key)
     return SFTConfig(
         **setup.common_arguments(
             stage=stage,
@@ -93,8 +98,8 @@ def sft_config(
         learning_rate=training.learning_rate,
         num_train_epochs=training.num_train_epochs,
         max_steps=training.max_steps,
-        per_device_train_batch_size=training.per_device_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        per_device_train_batch_size=batch.per_device,
+        gradient_accumulation_steps=batch.accumulation,
         warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of the training steps
         lr_scheduler_type=training.lr_scheduler_type,
         max_length=max_length,
@@ -137,6 +142,7 @@ def fine_tune(
     seed: int,
     checkpoint_dir: Path,
     run: StageRun | None,
+    batch_key: str = BATCH_KEY,
 ) -> tuple[SFTTrainer, dict[str, Any]]:
     """Train on prompt/completion `examples`, resuming from `checkpoint_dir` after a crash: trainer and metrics."""
     setup.apply_compute(compute)
@@ -157,6 +163,7 @@ def fine_tune(
         seed=seed,
         output_dir=checkpoint_dir,
         report_to=setup.report_to(run),
+        batch_key=batch_key,
     )
     trainer = make_sft_trainer(model, tokenizer, examples, config, training)
     resumed_from = checkpoints.train_resumably(trainer, checkpoint_dir)

@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from budget_alignment import loading, tracking
+from budget_alignment.errors import StageError
 from budget_alignment.params import ComputeParams, LoraParams
 from budget_alignment.records import Problem, RecordError, read_records
 
@@ -24,8 +27,38 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(StageError, RuntimeError):
     """A training stage cannot run: a missing input (data, model), an empty data set, a failed launch."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A global batch as one process runs it: examples per device at once, accumulation steps, processes."""
+
+    per_device: int
+    accumulation: int
+    processes: int
+
+    @property
+    def global_size(self) -> int:
+        return self.per_device * self.accumulation * self.processes
+
+
+def world_size() -> int:
+    """The processes of this training run (`accelerate launch` sets WORLD_SIZE in each of them)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def batch_plan(global_size: int, max_per_device: int, processes: int, key: str) -> BatchPlan:
+    """Split a global batch over the processes: as many examples per device as memory allows that divide each
+    process's share, the rest by gradient accumulation. The recipe (the global batch) stays what params say."""
+    if global_size % processes:
+        raise TrainingError(
+            f"{key}: {global_size} per step cannot be split evenly over {processes} processes (compute.num_processes)"
+        )
+    share = global_size // processes
+    per_device = max(size for size in range(1, min(max_per_device, share) + 1) if share % size == 0)
+    return BatchPlan(per_device, share // per_device, processes)
 
 
 def apply_compute(compute: ComputeParams) -> None:
