@@ -1,5 +1,6 @@
 """The `report` stage: every regime's scores in one flat metrics file, the RQ1-RQ3 deltas, the Pareto analysis,
-the budget, and the figures.
+and the figures. It reads the score files of the stages it lists and nothing else, so it is a pure function of
+them (the run's cost is `budget.py`'s).
 
 Metric keys are `{regime}.{lang}.{dataset}.{metric}` (`sft.ja.college_math.following`); the English reference is
 `base.en.{dataset}.{metric}`. Every count in the report is computed from the scores, never typed.
@@ -130,48 +131,6 @@ def pareto_analysis(flat: Mapping[str, float], params: Params) -> tuple[list[dic
     return rows, {"grpo_sft_dominates_base": dominated, "pairs": pairs}
 
 
-# --- budget ------------------------------------------------------------------------------------------------------
-
-
-def load_budgets() -> dict[str, dict[str, float]]:
-    folder = paths.reports_dir() / "budget"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
-
-
-def regime_of_stage(stage: str) -> str | None:
-    """Which regime a stage's cost belongs to: `sft@ja` -> sft, `generate@grpo_sft-fr` -> grpo_sft, ..."""
-    name, _, instance = stage.partition("@")
-    if name in ("base_model", "generate_en", "score_en"):  # the English reference line is the Base model's
-        return "base"
-    if name == "merge":
-        return "merge"
-    if name == "sft":
-        return "sft"
-    if name == "grpo":
-        return f"grpo_{instance.split('-')[0]}"
-    if name in ("generate", "score"):
-        return instance.rsplit("-", 1)[0]
-    return None
-
-
-def budget_by_regime(budgets: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    totals: dict[str, dict[str, float]] = {}
-    for stage, figures in budgets.items():
-        regime = regime_of_stage(stage)
-        if regime is None:
-            continue
-        total = totals.setdefault(
-            regime, {"wall_seconds": 0.0, "peak_rss_bytes": 0, "tokens_trained": 0, "tokens_generated": 0}
-        )
-        total["wall_seconds"] += figures.get("wall_seconds", 0.0)
-        total["peak_rss_bytes"] = max(total["peak_rss_bytes"], figures.get("peak_rss_bytes", 0))
-        total["tokens_trained"] += figures.get("tokens_trained", 0)
-        total["tokens_generated"] += figures.get("tokens_generated", 0)
-        if "gpu_seconds" in figures:
-            total["gpu_seconds"] = total.get("gpu_seconds", 0.0) + figures["gpu_seconds"]
-    return totals
-
-
 # --- tables ------------------------------------------------------------------------------------------------------
 
 
@@ -247,26 +206,6 @@ def pareto_section(rows: list[dict[str, Any]], counts: Mapping[str, int], params
         f"(dataset, language) pairs** (higher {metric} and higher following)."
     )
     return summary + "\n\n" + markdown_table(["dataset", "lang", "on the frontier", f"({metric}, following) %"], table)
-
-
-def budget_section(budgets: Mapping[str, Mapping[str, float]]) -> str:
-    def row(name: str, figures: Mapping[str, float]) -> list[str]:
-        gpu = figures.get("gpu_seconds")
-        return [
-            name,
-            f"{figures.get('wall_seconds', 0):.1f}",
-            f"{figures.get('peak_rss_bytes', 0) / 2**30:.2f}",
-            f"{int(figures.get('tokens_trained', 0)):,}",
-            f"{int(figures.get('tokens_generated', 0)):,}",
-            "–" if gpu is None else f"{gpu:.1f}",
-        ]
-
-    header = ["", "wall s", "peak GiB", "tokens trained", "tokens generated", "GPU s"]
-    per_stage = markdown_table(["stage", *header[1:]], [row(s, f) for s, f in budgets.items()])
-    per_regime = markdown_table(
-        ["regime", *header[1:]], [row(REGIME_LABELS[r], f) for r, f in budget_by_regime(budgets).items()]
-    )
-    return f"Per regime (its training, generation and scoring stages):\n\n{per_regime}\n\nPer stage:\n\n{per_stage}"
 
 
 # --- figures -----------------------------------------------------------------------------------------------------
@@ -404,7 +343,6 @@ def build_report(params: Params, run: StageRun | None = None) -> dict[str, float
     rows, counts = pareto_analysis(flat, params)
     flat["pareto.grpo_sft_dominates_base"] = counts["grpo_sft_dominates_base"]
     flat["pareto.pairs"] = counts["pairs"]
-    budgets = load_budgets()
     figures = draw_figures(flat, params, paths.figures_dir())
     for name, records in plot_data(flat, params).items():
         write_json(paths.plots_dir() / f"{name}.json", records)
@@ -426,8 +364,8 @@ def build_report(params: Params, run: StageRun | None = None) -> dict[str, float
             "## Pareto analysis (RQ4)",
             pareto_section(rows, counts, params),
             "![Pareto](figures/pareto.png)\n\n![Following](figures/following.png)\n\n![pass@k](figures/passk.png)",
-            "## Budget",
-            budget_section(budgets),
+            "The run's cost (time, memory, tokens) is not part of this report, which depends on the scores only: "
+            "`budget-align budget` writes it to reports/budget.md, measured beside planned.",
         ]
     )
     with atomic_write(paths.report_file()) as handle:
