@@ -436,6 +436,48 @@ class ReportParams(Section):
     accuracy_metric: str = Field(default="pass@1", pattern=r"^pass@\d+$")
 
 
+class ModelShape(Section):
+    """The base model's shape, as its config.json gives it: sizes before the model is downloaded."""
+
+    parameters: PositiveInt
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt
+
+
+class Throughput(Section):
+    """What one device of the machine the profile runs on does per second, and where the figures come from."""
+
+    device: str
+    devices: PositiveInt = 1
+    train_tokens_per_s: Annotated[float, Field(gt=0)]
+    generate_tokens_per_s: Annotated[float, Field(gt=0)]
+    translate_tokens_per_s: Annotated[float, Field(gt=0)]
+    # A stage's process start-up (imports, model load) before its work.
+    stage_start_s: Annotated[float, Field(ge=0)] = 0.0
+    source: str = ""
+
+
+class DatasetSize(Section):
+    """A dataset's records and mean tokens per record, where its data are not at hand before the run."""
+
+    records: PositiveInt
+    mean_tokens: PositiveInt
+
+
+class PlanParams(Section):
+    """What `budget-align plan` needs to state a run's cost before it starts (nothing a stage reads)."""
+
+    model: ModelShape
+    throughput: Throughput
+    # Datasets whose records cannot be counted before the run (hub sources); counted exactly once they are ingested.
+    sizes: dict[str, DatasetSize] = {}
+    # Characters per token, to estimate texts not yet tokenized (before the base model exists).
+    chars_per_token: Annotated[float, Field(gt=0)] = 3.5
+
+
 class TrackingParams(Section):
     experiment: str = "budget-alignment"
     enabled: bool = True
@@ -461,6 +503,7 @@ class Params(Section):
     evaluation: EvaluationParams
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
+    plan: PlanParams | None = None
     # The models whose own Python code (a hub repository's modeling_*.py) may run when loaded; none by default.
     trust_remote_code: list[str] = []
 
