@@ -282,10 +282,13 @@ def validate(
     # Given whole: adding expectations one by one re-serializes the suite each time.
     gx_suite = context.suites.add(gx.ExpectationSuite(name=suite, expectations=list(expectations)))
     definition = context.validation_definitions.add(gx.ValidationDefinition(name=suite, data=batch, suite=gx_suite))
-    result = definition.run(
-        batch_parameters={"dataframe": frame},
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["id"]},
-    )
+    try:  # the result goes to the Data Docs results store on disk as it is made
+        result = definition.run(
+            batch_parameters={"dataframe": frame},
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["id"]},
+        )
+    except OSError as error:
+        raise OutputError(error.errno, f"cannot write {paths.data_docs_dir()}: {error.strerror or error}") from error
     present = [str(ident) for ident in frame["id"]] if "id" in frame and len(frame) else []
     rejected: dict[str, list[str]] = {}
 
