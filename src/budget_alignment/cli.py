@@ -106,15 +106,23 @@ def ingest(
     dataset: Annotated[str, typer.Argument(help="A dataset name from params (`datasets.<name>`).")],
     params_file: ParamsFile = DEFAULT_PARAMS,
 ) -> None:
-    """Stage ingest@DATASET: load the English records from the dataset's source into data/ingested/."""
+    """Stage ingest@DATASET: the English records from the dataset's source into data/ingested/."""
     from budget_alignment import tracking
 
     params = load(params_file)
-    sections = [f"datasets.{dataset}.source", f"datasets.{dataset}.limit"] if dataset in params.datasets else []
+    if dataset not in params.datasets:
+        fail(f"dataset {dataset!r} is not in params (datasets: {', '.join(params.datasets)})")
+    sections = [
+        f"datasets.{dataset}.source",
+        f"datasets.{dataset}.limit",
+        "contracts.max_rejected_fraction.ingest",
+        "hub_mirror",
+    ]
     with tracking.stage_run(f"ingest@{dataset}", params, sections) as run:
         # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
-        from budget_alignment.data.contracts import ContractViolation
-        from budget_alignment.data.sources import SourceError, ingest_dataset
+        from budget_alignment.data.ingest import ingest_dataset
+        from budget_alignment.data.sources import SourceError
+        from budget_alignment.data.validation import ContractViolation
 
         try:
             ingest_dataset(params, dataset, run)
@@ -122,28 +130,45 @@ def ingest(
             fail(str(error))
 
 
+Languages = Annotated[
+    list[str] | None, typer.Argument(help="Only these languages (default: every language of the stage).")
+]
+
+
 @app.command("translate")
 def translate(
     dataset: Annotated[str, typer.Argument(help="A dataset name from params (`datasets.<name>`).")],
-    lang: Annotated[str, typer.Argument(help="A target language from params (`languages`).")],
+    langs: Languages = None,
     params_file: ParamsFile = DEFAULT_PARAMS,
 ) -> None:
-    """Stage translate@DATASET-LANG: the human translation, or machine translation, into data/translated/."""
+    """Stage translate@DATASET: the human or machine translation into each language, into data/translated/DATASET/."""
     from budget_alignment import tracking
+    from budget_alignment.data.translation_backends import TranslationError, check_api_keys
 
     params = load(params_file)
     if dataset not in params.datasets:
         fail(f"dataset {dataset!r} is not in params (datasets: {', '.join(params.datasets)})")
-    if lang not in params.datasets[dataset].translation:
-        fail(f"datasets.{dataset}.translation has no entry for {lang!r}")
-    with tracking.stage_run(f"translate@{dataset}-{lang}", params, [f"datasets.{dataset}.translation.{lang}"]) as run:
+    for lang in langs or []:
+        if lang not in params.datasets[dataset].translation:
+            fail(f"datasets.{dataset}.translation has no entry for {lang!r}")
+    try:
+        check_api_keys(params, dataset, langs)  # before any work: a missing key costs nothing
+    except TranslationError as error:
+        fail(str(error))
+    sections = [
+        f"datasets.{dataset}.translation",
+        "contracts.max_rejected_fraction.translate",
+        "hub_mirror",
+        "trust_remote_code",
+    ]
+    with tracking.stage_run(f"translate@{dataset}", params, sections) as run:
         # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
-        from budget_alignment.data.contracts import ContractViolation
         from budget_alignment.data.sources import SourceError
-        from budget_alignment.data.translate import TranslationError, translate_dataset
+        from budget_alignment.data.translate import translate_dataset
+        from budget_alignment.data.validation import ContractViolation
 
         try:
-            translate_dataset(params, dataset, lang, run)
+            translate_dataset(params, dataset, run, langs=langs)
         except (TranslationError, SourceError, ContractViolation) as error:
             fail(str(error))
 
@@ -151,22 +176,26 @@ def translate(
 @app.command("normalize")
 def normalize(
     dataset: Annotated[str, typer.Argument(help="A dataset name from params (`datasets.<name>`).")],
-    lang: Annotated[str, typer.Argument(help="A language with an entry under `normalize` (English included).")],
+    langs: Languages = None,
     params_file: ParamsFile = DEFAULT_PARAMS,
 ) -> None:
-    """Stage normalize@DATASET-LANG: the per-language normalization rules, into data/normalized/."""
+    """Stage normalize@DATASET: cleaning and the per-language normalization rules, into data/normalized/DATASET/."""
     from budget_alignment import tracking
 
     params = load(params_file)
-    if lang not in params.normalize:
-        fail(f"normalize has no entry for {lang!r} (languages: {', '.join(params.normalize)})")
-    with tracking.stage_run(f"normalize@{dataset}-{lang}", params, [f"normalize.{lang}"]) as run:
+    if dataset not in params.datasets:
+        fail(f"dataset {dataset!r} is not in params (datasets: {', '.join(params.datasets)})")
+    for lang in langs or []:
+        if lang not in params.normalize:
+            fail(f"normalize has no entry for {lang!r} (languages: {', '.join(params.normalize)})")
+    sections = ["normalize", "contracts.max_rejected_fraction.normalize"]
+    with tracking.stage_run(f"normalize@{dataset}", params, sections) as run:
         # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
-        from budget_alignment.data.contracts import ContractViolation
         from budget_alignment.data.normalize import NormalizeError, normalize_dataset
+        from budget_alignment.data.validation import ContractViolation
 
         try:
-            normalize_dataset(params, dataset, lang, run)
+            normalize_dataset(params, dataset, run, langs=langs)
         except (NormalizeError, ContractViolation) as error:
             fail(str(error))
 

@@ -184,20 +184,27 @@ class MachineTranslationParams(Section):
     backend: Literal["openai", "vllm", "transformers"] = "openai"
     # A served model name (openai), or a hub id or local folder (vllm, transformers).
     model: str = ""
+    # The commit of a hub id (vllm, transformers): pins the translator's weights; part of the cache key.
+    revision: str | None = None
     base_url: str | None = None
-    # Name of the environment variable holding the key; the key itself never enters params, logs or the cache.
-    api_key_env: str = "OPENAI_API_KEY"
+    # Name of the environment variable holding the key (openai); null: a server that takes no key (a local
+    # `vllm serve`). The key itself never enters params, logs, caches or outputs.
+    api_key_env: str | None = "OPENAI_API_KEY"
     temperature: Annotated[float, Field(ge=0)] = 0.0
-    # HTTP: attempts after a 429, a 5xx or a timeout, waiting backoff_s, then twice as long each time (at most 60 s).
+    # Attempts after the first (a reply that broke its protected spans; a record that failed a row check of the
+    # translate contract) ask again at this temperature with a new seed each: greedy decoding would repeat itself.
+    retry_temperature: Annotated[float, Field(gt=0)] = 0.7
+    # HTTP (openai): the SDK's own retries after a 408/409/429, a 5xx, a timeout or a lost connection.
     max_retries: Annotated[int, Field(ge=0)] = 5
-    backoff_s: Annotated[float, Field(ge=0)] = 1.0
     timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    # HTTP requests in flight at once; each reply is cached as it comes.
     concurrency: PositiveInt = 4
     # Part of the cache key: a new prompt version translates everything again.
     prompt_version: str = "v1"
     # Reasoning chains are split at paragraph boundaries into chunks of at most this many characters.
     max_chars_per_chunk: PositiveInt = 4000
-    # Asking again for a chunk whose reply lost or altered a protected span (math, numbers, code, ...).
+    # Attempts after the first for a chunk whose reply broke its protected spans (math, numbers, code, ...) and for
+    # the chunks of a record that failed the row checks; what still fails is quarantined.
     validation_retries: Annotated[int, Field(ge=0)] = 2
     # Local backends (vllm, transformers).
     max_new_tokens: PositiveInt = 4096
@@ -246,6 +253,18 @@ class NormalizeLangParams(Section):
     consistent_units: bool = False
     spanish_math_notation: bool = False
     decimal_comma: bool = False
+
+
+class MaxRejectedFractions(Section):
+    """Per kind of data stage: the share of its records a contract may reject (quarantine) before the stage fails."""
+
+    ingest: Probability = 0.0
+    translate: Probability = 0.0
+    normalize: Probability = 0.0
+
+
+class ContractsParams(Section):
+    max_rejected_fraction: MaxRejectedFractions = MaxRejectedFractions()
 
 
 def data_section_errors(params: Params) -> list[str]:
@@ -495,6 +514,10 @@ class Params(Section):
     datasets: dict[str, DatasetParams]
     translate: MachineTranslationParams = MachineTranslationParams()
     normalize: dict[str, NormalizeLangParams] = {}
+    contracts: ContractsParams = ContractsParams()
+    # A folder of hub dataset snapshots under their repo ids (`huggingface-cli download --repo-type dataset REPO
+    # --local-dir MIRROR/REPO`): `kind: hub` sources are read from it instead of the network.
+    hub_mirror: str | None = None
     prompts: PromptParams = PromptParams()
     scoring: ScoringParams = ScoringParams()
     sft: SftParams = SftParams()

@@ -136,3 +136,42 @@ def plots_dir() -> Path:
 
 def data_quality_dir() -> Path:
     return reports_dir() / "data_quality"
+
+
+# --- data quality and translation
+
+
+def data_quality_reports(stage: str) -> Path:
+    """A data stage instance's contract reports, one JSON per language: reports/data_quality/translate@chains/."""
+    return data_quality_dir() / stage
+
+
+def data_quality_report(stage: str, lang: str) -> Path:
+    return data_quality_reports(stage) / f"{lang}.json"
+
+
+def rejected_dir(stage: str) -> Path:
+    """A data stage instance's quarantined records, one jsonl per language: data_quality/rejected/ingest@math/."""
+    return data_quality_dir() / "rejected" / stage
+
+
+def rejected_records(stage: str, lang: str) -> Path:
+    return rejected_dir(stage) / f"{lang}.jsonl"
+
+
+def data_docs_dir() -> Path:
+    """The great-expectations Data Docs site: a view rebuilt by every data stage, not a pipeline output."""
+    return data_quality_dir() / "docs"
+
+
+def translations_dir(dataset: str) -> Path:
+    return data_dir() / "translated" / dataset
+
+
+def normalized_dir(dataset: str) -> Path:
+    return data_dir() / "normalized" / dataset
+
+
+def translation_cache() -> Path:
+    """Machine translations of chunks, reused across runs (not an output: it keeps timestamps)."""
+    return cache_dir() / "translations" / "cache.sqlite"
