@@ -35,7 +35,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from conftest import FIXTURES
+
 LANGS = ("en", "ja", "fr", "es")
 MMMLU_CONFIGS = {"ja": ("JA_JP", "JA-JP"), "fr": ("FR_FR", "FR-FR"), "es": ("ES_LA", "ES-LA")}
 LETTERS = "ABCD"

@@ -21,9 +21,8 @@ from budget_alignment.evaluation import generate
 from budget_alignment.params import PromptParams
 from budget_alignment.records import Problem
 from budget_alignment.train import grpo, sft
+from conftest import FIXTURES
 from test_train_helpers import FAST_GRPO, FAST_SFT, enter_project, problems, tiny_params
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture

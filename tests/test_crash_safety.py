@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from budget_alignment import io, paths
 from budget_alignment.evaluation import generate
+from budget_alignment.evaluation.problems import problems_file
 from budget_alignment.records import Completion, Problem, read_records, write_records
 from budget_alignment.train import checkpoints as setup
 from test_train_helpers import (
@@ -184,7 +185,7 @@ def generation_project(root: Path) -> Path:
                 answer_type="choice", choices={"A": "1", "B": "2", "C": "3", "D": "4"})
         for i in range(40)
     ]  # fmt: skip
-    write_records(root / paths.normalized("college_math", "fr"), problems)
+    write_records(root / problems_file("fr", "college_math"), problems)
     settings = {"datasets": ["college_math"], "n": 4, "k": [1, 4], "max_new_tokens": 48, "batch_size": 8}
     write_params(root / "params.yaml", tiny_params(evaluation=settings | {"limit": None, "temperature": 1.0}))
     return root

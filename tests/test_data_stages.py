@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 from budget_alignment.cli import app
 from budget_alignment.params import ParamsError, load_params
 from budget_alignment.records import Problem, read_records, write_records
+from test_stages import module_closure
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -115,35 +115,6 @@ def test_data_params_rules(tmp_path, edit, message):
     assert message in str(error.value)
 
 
-def test_each_dvc_stage_tracks_only_its_own_params():
-    from dvc.repo import Repo
-
-    params = load_params(REPO / "params.yaml")
-    with Repo(str(REPO)) as repo:
-        tracked = {
-            stage.addressing: sorted(p for dep in stage.deps if hasattr(dep, "params") for p in dep.params)
-            for stage in repo.index.stages
-        }
-    expected = {}
-    for dataset in params.datasets:
-        expected[f"ingest@{dataset}"] = [
-            "contracts.max_rejected_fraction.ingest",
-            f"datasets.{dataset}.limit",
-            f"datasets.{dataset}.source",
-            "hub_mirror",
-        ]
-        expected[f"translate@{dataset}"] = [
-            "contracts.max_rejected_fraction.translate",
-            f"datasets.{dataset}.translation",
-            "hub_mirror",
-            "trust_remote_code",
-        ]
-        expected[f"normalize@{dataset}"] = ["contracts.max_rejected_fraction.normalize", "normalize"]
-    assert {name: tracked.get(name) for name in expected} == expected
-    data_stages = [name for name in tracked if name.partition("@")[0] in ("ingest", "translate", "normalize")]
-    assert len(data_stages) == 3 * len(params.datasets) == 18
-
-
 @pytest.mark.slow
 def test_a_tracked_stage_logs_its_data_quality_report_to_mlflow(project, monkeypatch):
     raw = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
@@ -166,86 +137,14 @@ def test_a_tracked_stage_logs_its_data_quality_report_to_mlflow(project, monkeyp
     assert any(name.endswith(".html") for name in names)
 
 
-# --- dvc.yaml: each data stage lists the project modules its command imports -----------------------------------------
-
-SRC = REPO / "src"
-
-
-def _module_file(name: str) -> Path | None:
-    for candidate in (SRC / f"{name.replace('.', '/')}.py", SRC / name.replace(".", "/") / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _imported(nodes: list[ast.AST], package: str) -> set[str]:
-    """Project modules named by the import statements among `nodes` (function-level ones included)."""
-    names = set()
-    for node in nodes:
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*parts, *([node.module] if node.module else [])])
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in names if name.startswith("budget_alignment") and _module_file(name)}
-
-
-def _closure(modules: set[str]) -> set[str]:
-    seen: set[str] = set()
-    todo = list(modules)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # packages run their __init__
-        path = _module_file(name)
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        todo += _imported(list(ast.walk(ast.parse(path.read_text(encoding="utf-8")))), package)
-    return {str(_module_file(name).relative_to(REPO)) for name in seen}
-
-
-def command_modules(command: str) -> set[str]:
-    """Every project module `budget-align COMMAND` imports: cli.py's own imports, the command's, and theirs."""
-    tree = ast.parse((SRC / "budget_alignment/cli.py").read_text(encoding="utf-8"))
-    top = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
-    (function,) = [
-        node
-        for node in tree.body
-        if isinstance(node, ast.FunctionDef)
-        and any(
-            isinstance(d, ast.Call) and d.args and getattr(d.args[0], "value", None) == command
-            for d in node.decorator_list
-        )
-    ]
-    # cli.py itself, but not the imports of its other commands.
-    return _closure(_imported([*top, *ast.walk(function)], "budget_alignment")) | {"src/budget_alignment/cli.py"}
-
-
-@pytest.mark.parametrize("command", ["ingest", "translate", "normalize"])
-def test_each_data_stage_depends_on_every_module_its_command_imports(command):
-    from dvc.repo import Repo
-
-    with Repo(str(REPO)) as repo:
-        (stage,) = [s for s in repo.index.stages if s.addressing == f"{command}@chains"]
-        deps = {str(Path(dep.def_path)) for dep in stage.deps if not hasattr(dep, "params")}
-    modules = {dep for dep in deps if dep.startswith("src/") and dep.endswith(".py")}
-    assert modules == command_modules(command)
-    assert "src/budget_alignment/data/translate.py" not in command_modules("ingest")
-    if command != "normalize":  # bundled sources and human translations
-        assert "src/budget_alignment/data/bundled" in deps
+# --- dvc.yaml (tests/test_stages.py checks every stage's deps and params) -----------------------------------------
 
 
 def test_the_data_package_never_imports_training_and_contracts_never_import_translate():
-    for path in (SRC / "budget_alignment/data").glob("*.py"):
+    for path in (REPO / "src/budget_alignment/data").glob("*.py"):
         assert "budget_alignment.train" not in path.read_text(encoding="utf-8"), path
-    contracts = _closure({"budget_alignment.data.contracts", "budget_alignment.data.validation"})
-    assert "src/budget_alignment/data/translate.py" not in contracts
+    contracts = module_closure("budget_alignment.data.contracts") | module_closure("budget_alignment.data.validation")
+    assert "budget_alignment.data.translate" not in contracts
 
 
 def test_downstream_stages_depend_on_their_language_file_inside_the_data_stage_folders():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,8 +20,7 @@ from budget_alignment.data.normalize import (
 )
 from budget_alignment.params import NormalizeLangParams
 from budget_alignment.records import Problem
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from conftest import FIXTURES
 
 CASES = [
     # (rule, lang, text, expected)

@@ -18,8 +18,8 @@ from budget_alignment.data.sources import bundled_sets, load_source
 from budget_alignment.fingerprints import sha256_file
 from budget_alignment.params import BundledSource, HubDatasetSource, LocalSource
 from budget_alignment.records import CHOICE_LETTERS
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LANGS = ("en", "ja", "fr", "es")
 
 

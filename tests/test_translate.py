@@ -28,9 +28,9 @@ from budget_alignment.data.translation_cache import TranslationCache, cache_key
 from budget_alignment.params import BundledSource, MachineTranslationParams, Params, load_params
 from budget_alignment.records import Problem, read_records, write_records
 from chat_server import ChatServer, completion, pseudo_french, sleepy, status
+from conftest import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # --- protection ----------------------------------------------------------------------------------------------------
 
@@ -511,54 +511,13 @@ def test_a_killed_run_resumes_without_asking_again_for_finished_chunks(server, t
 # --- local backends ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory) -> Path:
-    """A randomly initialised 2-layer Llama with a byte-level BPE tokenizer and a ChatML template."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-chat-model")
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(["Translate the text into French. Keep every marker ⟦0⟧ ⟦1⟧."] * 10, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
-    )
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.slow
-def test_transformers_backend_generates_and_its_replies_are_checked(tiny_chat_model, tmp_path):
+def test_transformers_backend_generates_and_its_replies_are_checked(tiny_model_dir, tmp_path):
     settings = MachineTranslationParams(
-        backend="transformers", model=str(tiny_chat_model), max_new_tokens=12, batch_size=2, validation_retries=1
+        backend="transformers", model=str(tiny_model_dir), max_new_tokens=12, batch_size=2, validation_retries=1
     )
     backend = TransformersBackend(settings)
-    assert backend.model_id.startswith(f"{tiny_chat_model}@")
+    assert backend.model_id.startswith(f"{tiny_model_dir}@")
     english = [
         Problem(
             id="plain",
@@ -586,14 +545,14 @@ def test_transformers_backend_generates_and_its_replies_are_checked(tiny_chat_mo
 
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-def test_vllm_backend_translates_offline(tiny_chat_model, tmp_path):
+def test_vllm_backend_translates_offline(tiny_model_dir, tmp_path):
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("vllm needs a CUDA GPU")
     from budget_alignment.data.translation_backends import VllmBackend
 
-    settings = MachineTranslationParams(backend="vllm", model=str(tiny_chat_model), max_new_tokens=8, dtype="float32")
+    settings = MachineTranslationParams(backend="vllm", model=str(tiny_model_dir), max_new_tokens=8, dtype="float32")
     backend = VllmBackend(settings)
     english = [
         Problem(id="plain", dataset="toy", lang="en", question="Hello there, friend.", answer="1", answer_type="math")

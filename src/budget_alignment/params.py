@@ -506,7 +506,7 @@ class TrackingParams(Section):
 
 
 class Params(Section):
-    profile: Literal["tiny", "paper", "micro"]
+    profile: Literal["tiny", "paper", "micro", "paper_cpu"]
     seed: int = 1234
     languages: list[LangCode] = Field(min_length=1)
     compute: ComputeParams = ComputeParams()
@@ -601,6 +601,13 @@ class Params(Section):
         ]
         names += [t.model for t in translators if t.model and t.backend != "openai"]
         return list(dict.fromkeys(names))
+
+    def evaluated_pairs(self) -> list[tuple[str, str]]:
+        """Every (regime, lang) the pipeline evaluates, the English reference last."""
+        pairs = [(regime, lang) for regime in self.evaluation.regimes for lang in self.languages]
+        if self.evaluation.english_reference:
+            pairs.append(("base", "en"))
+        return pairs
 
     def datasets_with_role(self, role: str) -> list[str]:
         return [name for name, dataset in self.datasets.items() if dataset.role == role]

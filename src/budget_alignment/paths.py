@@ -81,6 +81,11 @@ def normalized(dataset: str, lang: str) -> Path:
 # --- evaluation ----------------------------------------------------------------------------------------------------
 
 
+def problems_dir(lang: str) -> Path:
+    """The evaluation problems of a language, one jsonl per evaluation set (what generation and scoring read)."""
+    return data_dir() / "problems" / lang
+
+
 def generations_dir(regime: str, lang: str) -> Path:
     """n completions per problem, one jsonl per evaluation set."""
     return data_dir() / "generations" / f"{regime}-{lang}"

@@ -6,6 +6,7 @@ reported with its file and line number, and an output is never left half-written
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -87,11 +88,20 @@ class RecordError(StageError, ValueError):
     """A record file that cannot be read: names the file, the line and the field."""
 
 
+class MissingInputError(StageError, FileNotFoundError):
+    """A record file a stage reads does not exist (yet): the stage that writes it has not run."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: no such file (run the stage that writes it first)"
+
+
 R = TypeVar("R", bound=Record)
 
 
 def iter_records(path: str | Path, model: type[R]) -> Iterator[R]:
     path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(errno.ENOENT, "no such file", str(path))
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():

@@ -50,18 +50,10 @@ class ReportError(StageError, RuntimeError):
     """A score file the report needs is missing or unreadable."""
 
 
-def evaluated_pairs(params: Params) -> list[tuple[str, str]]:
-    """Every (regime, lang) the pipeline evaluates, the English reference last."""
-    pairs = [(regime, lang) for regime in params.evaluation.regimes for lang in params.languages]
-    if params.evaluation.english_reference:
-        pairs.append(("base", "en"))
-    return pairs
-
-
 def load_scores(params: Params) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
     """(regime, lang) -> dataset -> metric -> value, from reports/scores/*.json."""
     scores = {}
-    for regime, lang in evaluated_pairs(params):
+    for regime, lang in params.evaluated_pairs():
         path = paths.score_metrics_file(regime, lang)
         try:
             scores[(regime, lang)] = json.loads(path.read_text(encoding="utf-8"))

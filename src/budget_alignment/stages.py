@@ -16,8 +16,11 @@ from typing import Any
 @dataclass(frozen=True)
 class Stage:
     name: str
+    # The module that does the stage's work, under budget_alignment.
     module: str
     params: tuple[str, ...]
+    # The command's arguments, which name the instance (`budget-align grpo INIT LANG` -> grpo@{init}-{lang}).
+    arguments: tuple[str, ...] = ()
 
     @property
     def command(self) -> str:
@@ -29,92 +32,35 @@ class Stage:
 
 
 # Every model-loading stage reads the base model's dtype and which models may run their own code.
-_MODEL_LOADING = ("base_model.dtype", "trust_remote_code")
+MODEL_LOADING = ("base_model.dtype", "trust_remote_code")
+SAMPLING = tuple(
+    f"evaluation.{key}" for key in ("backend", "n", "temperature", "top_p", "max_new_tokens", "batch_size")
+)
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in [
-        Stage(
-            "base_model",
-            "budget_alignment.train.base_model",
-            # The tiny base's reasoning prior trains on {prior}'s chains, read from their sources.
-            (
-                "base_model",
-                "seed",
-                "compute",
-                "trust_remote_code",
-                "datasets.{prior}.source",
-                "datasets.{prior}.translation",
-                "datasets.{prior}.limit",
-            ),
-        ),
-        Stage(
-            "ingest",
-            "budget_alignment.data.ingest",
-            (
-                "datasets.{dataset}.source",
-                "datasets.{dataset}.limit",
-                "contracts.max_rejected_fraction.ingest",
-                "hub_mirror",
-            ),
-        ),
-        Stage(
-            "translate",
-            "budget_alignment.data.translate",
-            (
-                "datasets.{dataset}.translation",
-                "contracts.max_rejected_fraction.translate",
-                "hub_mirror",
-                "trust_remote_code",
-            ),
-        ),
-        Stage(
-            "normalize", "budget_alignment.data.normalize", ("normalize", "contracts.max_rejected_fraction.normalize")
-        ),
-        Stage("sft", "budget_alignment.train.sft", ("sft", "prompts", "compute", "seed", *_MODEL_LOADING)),
+        # The tiny base's reasoning prior trains on {prior}'s chains, read from their sources.
+        Stage("base_model", "train.base_model", ("base_model", "seed", "compute", "trust_remote_code",
+              "datasets.{prior}.source", "datasets.{prior}.translation", "datasets.{prior}.limit")),
+        Stage("ingest", "data.ingest", ("datasets.{dataset}.source", "datasets.{dataset}.limit",
+              "contracts.max_rejected_fraction.ingest", "hub_mirror"), ("dataset",)),
+        Stage("translate", "data.translate", ("datasets.{dataset}.translation",
+              "contracts.max_rejected_fraction.translate", "hub_mirror", "trust_remote_code"), ("dataset",)),
+        Stage("normalize", "data.normalize", ("normalize", "contracts.max_rejected_fraction.normalize"), ("dataset",)),
+        Stage("sft", "train.sft", ("sft", "prompts", "compute", "seed", *MODEL_LOADING), ("lang",)),
         # The rewards are the scoring code with its thresholds.
-        Stage(
-            "grpo", "budget_alignment.train.grpo", ("grpo", "prompts", "scoring", "compute", "seed", *_MODEL_LOADING)
-        ),
-        Stage("merge", "budget_alignment.merge", ("merge", "seed", "trust_remote_code")),
-        Stage(
-            "generate",
-            "budget_alignment.evaluation.generate",
-            (
-                *(
-                    f"evaluation.{key}"
-                    for key in (
-                        "datasets",
-                        "backend",
-                        "n",
-                        "temperature",
-                        "top_p",
-                        "max_new_tokens",
-                        "batch_size",
-                        "limit",
-                        "tensor_parallel_size",
-                    )
-                ),
-                "prompts",
-                "seed",
-                "compute.device",
-                "compute.torch_threads",
-                *_MODEL_LOADING,
-            ),
-        ),
-        Stage("score", "budget_alignment.evaluation.score", ("scoring", "evaluation.k", "evaluation.datasets")),
-        Stage(
-            "report",
-            "budget_alignment.report",
-            (
-                "report",
-                "languages",
-                "profile",
-                *(f"evaluation.{key}" for key in ("datasets", "regimes", "english_reference", "k", "n")),
-            ),
-        ),
+        Stage("grpo", "train.grpo", ("grpo", "prompts", "scoring", "compute", "seed", *MODEL_LOADING),
+              ("init", "lang")),
+        Stage("merge", "merge", ("merge", "seed", "trust_remote_code")),
+        Stage("problems", "evaluation.problems", ("evaluation.datasets", "evaluation.limit"), ("lang",)),
+        Stage("generate", "evaluation.generate", ("evaluation.datasets", *SAMPLING, "evaluation.tensor_parallel_size",
+              "prompts", "seed", "compute.device", "compute.torch_threads", *MODEL_LOADING), ("regime", "lang")),
+        Stage("score", "evaluation.score", ("scoring", "evaluation.k", "evaluation.datasets"), ("regime", "lang")),
+        Stage("report", "report", ("report", "languages", "profile", "evaluation.datasets", "evaluation.regimes",
+              "evaluation.english_reference", "evaluation.k", "evaluation.n")),
     ]
-}
+}  # fmt: skip
 
 
 def stage_of(instance: str) -> Stage:

@@ -16,10 +16,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from budget_alignment.errors import StageError
 from budget_alignment.records import CHOICE_LETTERS, Problem
 
 
-class SourceError(ValueError):
+class SourceError(StageError, ValueError):
     """A source that cannot be read or mapped; the message names the source, the row and the field."""
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from budget_alignment import paths
 from budget_alignment.data import contracts
 from budget_alignment.data.quarantine import LanguageResult, deliver
+from budget_alignment.errors import StageError
 from budget_alignment.params import NormalizeLangParams, Params
 from budget_alignment.records import Problem, RecordError, read_records
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class NormalizeError(RuntimeError):
+class NormalizeError(StageError, RuntimeError):
     """The stage cannot run: a missing input or a language without rules in params."""
 
 

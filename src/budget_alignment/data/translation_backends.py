@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from budget_alignment import loading
+from budget_alignment.errors import StageError
 from budget_alignment.fingerprints import tree_digest
 from budget_alignment.hub import warn_if_unpinned
 from budget_alignment.languages import language_name
@@ -34,7 +35,7 @@ from budget_alignment.params import MachineTranslationParams, Params
 log = logging.getLogger(__name__)
 
 
-class TranslationError(RuntimeError):
+class TranslationError(StageError, RuntimeError):
     """A translation that cannot be made: a misconfigured or failing backend. The message is one line."""
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from budget_alignment import paths
 from budget_alignment.data.expectations import CHECKS
+from budget_alignment.errors import StageError
 from budget_alignment.io import OutputError, write_json
 from budget_alignment.records import Problem
 
@@ -111,7 +112,7 @@ class ContractOutcome:
         }
 
 
-class ContractViolation(RuntimeError):
+class ContractViolation(StageError, RuntimeError):
     """A stage's output broke its data contract; nothing was written. The message is the compact report."""
 
     def __init__(self, outcomes: Sequence[ContractOutcome]) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from budget_alignment import loading, paths, prompts
 from budget_alignment.errors import StageError
+from budget_alignment.evaluation.problems import read_problems
 from budget_alignment.fingerprints import tree_digest
 from budget_alignment.io import atomic_directory, atomic_write, write_json
 from budget_alignment.params import Params
@@ -263,7 +264,6 @@ def sampling_settings(params: Params, lang: str) -> dict[str, Any]:
         "top_p": settings.top_p,
         "max_new_tokens": settings.max_new_tokens,
         "batch_size": settings.batch_size,
-        "limit": settings.limit,
         "prompts": params.prompts.model_dump(),
     }
 
@@ -392,10 +392,7 @@ def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: 
     work.mkdir(parents=True, exist_ok=True)
     write_json(meta_file, meta)
 
-    problem_sets = {}
-    for dataset in settings.datasets:
-        problems = read_records(paths.normalized(dataset, lang), Problem)
-        problem_sets[dataset] = problems[: settings.limit] if settings.limit else problems
+    problem_sets = {dataset: read_problems(lang, dataset) for dataset in settings.datasets}
     total = sum(len(p) for p in problem_sets.values()) * settings.n
     # One batch may span the evaluation sets (a decoding step costs nearly the same for more sequences), and the
     # batches are fixed by params, so that a resumed run, or one on more replicas, draws the same samples.

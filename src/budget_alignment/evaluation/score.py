@@ -20,6 +20,7 @@ from typing import Any
 
 from budget_alignment import paths
 from budget_alignment.errors import StageError
+from budget_alignment.evaluation.problems import problems_file
 from budget_alignment.io import write_json
 from budget_alignment.params import Params, ScoringParams
 from budget_alignment.records import Completion, Problem, RecordError, Score, read_records, write_records
@@ -245,7 +246,7 @@ def score_generations(
     """
     metrics: dict[str, dict[str, Any]] = {}
     for dataset in params.evaluation.datasets:
-        problems_path = paths.normalized(dataset, lang)
+        problems_path = problems_file(lang, dataset)
         completions_path = paths.generations_dir(regime, lang) / f"{dataset}.jsonl"
         problems = {problem.id: problem for problem in read_records(problems_path, Problem)}
         completions = read_records(completions_path, Completion)
