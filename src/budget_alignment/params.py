@@ -506,7 +506,7 @@ class TrackingParams(Section):
 
 
 class Params(Section):
-    profile: Literal["tiny", "paper", "micro", "paper_cpu"]
+    profile: Literal["tiny", "paper", "paper_cpu"]
     seed: int = 1234
     languages: list[LangCode] = Field(min_length=1)
     compute: ComputeParams = ComputeParams()
