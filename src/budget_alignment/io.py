@@ -39,7 +39,13 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        if isinstance(error, OSError) and error.errno in (
+            errno.ENOSPC,
+            errno.EFBIG,
+            errno.EROFS,
+            errno.EACCES,
+            errno.EDQUOT,
+        ):
             raise OutputError(error.errno, f"cannot write {path}: {error.strerror}") from error
         raise
 
