@@ -10,7 +10,6 @@ exit status 1, never a traceback (`main`).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections.abc import Iterator
@@ -30,9 +29,6 @@ if TYPE_CHECKING:
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-# A write that fails for lack of space or permission, wherever it happens (an output, a checkpoint, a cache).
-WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
-
 
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -47,7 +43,7 @@ class OneLineErrors(typer.core.TyperGroup):
     """
 
     def invoke(self, ctx):
-        from budget_alignment.io import OutputError
+        from budget_alignment.io import WRITE_FAILURES, OutputError
 
         try:
             return super().invoke(ctx)

@@ -16,6 +16,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+# A write that fails for lack of space or permission: the stage ends with one line, finished work kept.
+WRITE_FAILURES = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+)
+
+
 class OutputError(OSError):
     """An output could not be written (full disk, read-only or unwritable path)."""
 
