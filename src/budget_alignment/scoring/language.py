@@ -131,6 +131,8 @@ _SCRIPTS: dict[str, re.Pattern[str]] = {
     "georgian": re.compile(r"[\u10a0-\u10ff]+"),
     "armenian": re.compile(r"[\u0530-\u058f]+"),
 }
+# Languages that capitalize every noun, not only names.
+_CAPITALIZED_NOUNS = frozenset({"de"})
 # Kana tell Japanese from Chinese, which share the Han characters.
 _KANA_RULE: dict[str, Literal["required", "forbidden"]] = {"ja": "required", "zh": "forbidden"}
 # Frequent simplified characters that Japanese writes otherwise (这/這, 们/們, 个/個, 为/為, 时/時, 值/値, 设/設 ...):
@@ -277,10 +279,10 @@ def function_word_vote(hits: Counter[frozenset[str]], lang: str | None = None) -
     return best if count >= least and count >= VOTE_MARGIN * runner_up else None
 
 
-def lacks_function_words(words: list[str], lang: str) -> bool:
-    """True for a sentence of SUSPECT_WORDS words or more without any function word of `lang` (which has a list)."""
+def lacks_function_words(words: list[str], lang: str, read: str) -> bool:
+    """True for a sentence of SUSPECT_WORDS words or more (names aside: `read`) without any function word of `lang`."""
     own = FUNCTION_WORDS.get(lang)
-    return own is not None and len(words) >= SUSPECT_WORDS and own.isdisjoint(words)
+    return own is not None and read.count(" ") + 1 >= SUSPECT_WORDS and own.isdisjoint(words)
 
 
 # --- lingua ---------------------------------------------------------------------------------------------------------
@@ -356,25 +358,37 @@ _SENTENCE_BREAK = re.compile(r"[.!?;:。！？；：\n]+")
 
 @dataclass(frozen=True, slots=True)
 class Sentence:
-    """One sentence: its words (runs of letters), its letters' worth of language and its text without punctuation."""
+    """One sentence: its words (runs of letters, lowercase), its letters' worth of language, and what lingua reads."""
 
     words: list[str]
     letters: float
-
-    @property
-    def text(self) -> str:
-        """The words alone: punctuation, numbers and math are not language, for lingua no more than for us."""
-        return " ".join(self.words)
+    # The words alone (punctuation, numbers and math are not language, for lingua no more than for us), less the
+    # proper names when the sentence's language capitalizes only them.
+    text: str
 
 
-def sentences(text: str) -> list[Sentence]:
-    """The sentences and lines of `text` (math and code already removed) that hold letters."""
+def sentences(text: str, names: bool = False) -> list[Sentence]:
+    """The sentences and lines of `text` (math and code already removed) that hold letters.
+
+    With `names`, a capitalized word after a sentence's first is a name (Emily, Jackson, Pokémon): lingua does not
+    read it, names belong to no language. Not for German, which capitalizes every noun.
+    """
     wide = _WIDE.search(text) is not None
     found = []
     for piece in _SENTENCE_BREAK.split(text):
-        words = _LETTERS.findall(piece)
-        if words:
-            found.append(Sentence(words, count_letters(piece) if wide else float(sum(map(len, words)))))
+        lowered = piece.lower()
+        words = _LETTERS.findall(lowered)
+        if not words:
+            continue
+        read = " ".join(words)
+        if names and lowered != piece:
+            capitalized = [word[0].isupper() for word in _LETTERS.findall(piece)]
+            if len(capitalized) == len(words) and any(capitalized[1:]):
+                read = " ".join(
+                    [words[0], *(w for w, upper in zip(words[1:], capitalized[1:], strict=True) if not upper)]
+                )
+        letters = count_letters(piece) if wide else float(sum(map(len, words)))
+        found.append(Sentence(words, letters, read))
     return found
 
 
@@ -473,7 +487,7 @@ class LanguageJudge:
                 return (_WORDS, min(voted), math.inf)
             if voted == {rule.lang}:
                 return None
-            suspect = voted is None and lacks_function_words(sentence.words, rule.lang)
+            suspect = voted is None and lacks_function_words(sentence.words, rule.lang, sentence.text)
         if rule.candidates is None:  # lingua has nothing to choose among (English, told apart by function words)
             return None
         found = language_odds(rule.candidates, sentence.text, rule.lang)
@@ -522,9 +536,8 @@ class LanguageJudge:
 
     def judge_span(self, span: str, lang: str) -> SpanJudgement:
         rule = self._rule(lang)
-        # Lowercase once for the function words; scripts, kana and lingua do not care about case.
-        cleaned = strip_non_language(span).lower()
-        parts = sentences(cleaned)
+        cleaned = strip_non_language(span)
+        parts = sentences(cleaned, names=rule.lang not in _CAPITALIZED_NOUNS)
         total = sum(part.letters for part in parts)
         if total < self.params.min_letters:
             return SpanJudgement(total, 1.0, True)
