@@ -382,11 +382,13 @@ def sentences(text: str, names: bool = False) -> list[Sentence]:
             continue
         read = " ".join(words)
         if names and lowered != piece:
-            capitalized = [word[0].isupper() for word in _LETTERS.findall(piece)]
-            if len(capitalized) == len(words) and any(capitalized[1:]):
-                read = " ".join(
-                    [words[0], *(w for w, upper in zip(words[1:], capitalized[1:], strict=True) if not upper)]
-                )
+            first = _LETTERS.search(piece)
+            rest = piece[first.end() :] if first else ""
+            if rest.lower() != rest:  # a capital after the first word: look word by word (rare, so not every time)
+                capitalized = [word[0].isupper() for word in _LETTERS.findall(piece)]
+                if len(capitalized) == len(words):
+                    kept = (word for word, upper in zip(words[1:], capitalized[1:], strict=True) if not upper)
+                    read = " ".join([words[0], *kept])
         letters = count_letters(piece) if wide else float(sum(map(len, words)))
         found.append(Sentence(words, letters, read))
     return found
@@ -436,6 +438,9 @@ _WORDS = "words"  # another language's function words
 _SUSPECT = ("words", "", math.inf)  # no function word of the target, and lingua does not clearly prefer it
 _HAN_ONLY = "han"  # Han without kana for Japanese: Chinese when there is enough of it
 _LINGUA = "lingua"
+# Spans of at most this many characters (math removed) are remembered, up to this many of them.
+_SHORT_SPAN = 200
+_SHORT_SPANS_KEPT = 4096
 
 
 class LanguageJudge:
@@ -447,6 +452,8 @@ class LanguageJudge:
     def __init__(self, params: LanguageCheckParams | None = None) -> None:
         self.params = params or LanguageCheckParams()
         self._rules: dict[str, _TargetRule] = {}
+        # Short spans come back word for word ("The answer is $\\boxed{5}$." once the math is gone): judged once.
+        self._short_spans: dict[tuple[str, str], SpanJudgement] = {}
 
     def _rule(self, lang: str) -> _TargetRule:
         rule = self._rules.get(lang)
@@ -537,6 +544,17 @@ class LanguageJudge:
     def judge_span(self, span: str, lang: str) -> SpanJudgement:
         rule = self._rule(lang)
         cleaned = strip_non_language(span)
+        if len(cleaned) > _SHORT_SPAN:
+            return self._judge_cleaned(cleaned, rule)
+        key = (lang, cleaned)
+        found = self._short_spans.get(key)
+        if found is None:
+            if len(self._short_spans) >= _SHORT_SPANS_KEPT:
+                self._short_spans.clear()
+            found = self._short_spans[key] = self._judge_cleaned(cleaned, rule)
+        return found
+
+    def _judge_cleaned(self, cleaned: str, rule: _TargetRule) -> SpanJudgement:
         parts = sentences(cleaned, names=rule.lang not in _CAPITALIZED_NOUNS)
         total = sum(part.letters for part in parts)
         if total < self.params.min_letters:
