@@ -370,8 +370,8 @@ class Sentence:
 def sentences(text: str, names: bool = False) -> list[Sentence]:
     """The sentences and lines of `text` (math and code already removed) that hold letters.
 
-    With `names`, a capitalized word after a sentence's first is a name (Emily, Jackson, Pokémon): lingua does not
-    read it, names belong to no language. Not for German, which capitalizes every noun.
+    With `names` (for a Latin-script language), a capitalized word after a sentence's first is a name (Emily, Jackson,
+    Pokémon): lingua does not read it, names belong to no language. Not for German, which capitalizes every noun.
     """
     wide = _WIDE.search(text) is not None
     found = []
@@ -474,7 +474,7 @@ class LanguageJudge:
     def sentence_evidence(self, sentence: Sentence, rule: _TargetRule, check_script: bool = True) -> _Evidence:
         """What one sentence says against the target language (None: nothing, it reads as the target)."""
         if check_script:
-            text = sentence.text
+            text = " ".join(sentence.words)  # every word, names included: they are written in some script
             in_script = _script_letters(rule.script, text)
             if in_script * 2 < sentence.letters:
                 return _SCRIPT_EVIDENCE
@@ -555,7 +555,7 @@ class LanguageJudge:
         return found
 
     def _judge_cleaned(self, cleaned: str, rule: _TargetRule) -> SpanJudgement:
-        parts = sentences(cleaned, names=rule.lang not in _CAPITALIZED_NOUNS)
+        parts = sentences(cleaned, names=rule.script == "latin" and rule.lang not in _CAPITALIZED_NOUNS)
         total = sum(part.letters for part in parts)
         if total < self.params.min_letters:
             return SpanJudgement(total, 1.0, True)
