@@ -214,9 +214,9 @@ def test_function_words_vote_only_where_the_words_belong_to_one_language() -> No
     assert vote("nous avons the value") is None
     assert vote("solution") is None
     # One word is enough to confirm the expected language when nothing else speaks, never to show another one.
-    assert vote("trouvez la valeur de la somme", "fr") is None  # `la`, `de`: shared
-    assert vote("calculez donc la somme", "fr") == {"fr"}
-    assert vote("calculez donc la somme", "es") is None
+    assert vote("la valeur de la somme", "fr") is None  # `la`, `de`: shared
+    assert vote("donc la somme", "fr") == {"fr"}
+    assert vote("donc la somme", "es") is None
     assert set(FUNCTION_WORDS) >= {"en", "fr", "es", "de", "it", "pt", "ca", "nl"}
 
 
@@ -247,8 +247,8 @@ def test_thresholds_come_from_params() -> None:
     chinese = "<think>まず計算します。三加四得七。</think>"
     assert not LanguageJudge().judge(chinese, "ja").think_in_lang
     assert LanguageJudge(LanguageCheckParams(min_han_letters=30)).judge(chinese, "ja").think_in_lang
-    # A one-word English reasoning, lingua's call by log-odds 1.2: English by default, not when more is asked.
-    english = "<think>Compute: $1+1$.</think>"
+    # A one-word English reasoning, lingua's call by log-odds 1.5: English by default, not when more is asked.
+    english = "<think>Integrate: $\\int_0^1 x \\, dx$.</think>"
     assert not LanguageJudge().judge(english, "es").think_in_lang
     assert LanguageJudge(LanguageCheckParams(min_other_log_odds=2.0)).judge(english, "es").think_in_lang
 

@@ -69,14 +69,14 @@ def same_script_languages(code: str) -> frozenset[str]:
 # English is everyone's neighbour: it is what reasoning drifts into. A language without an entry gets every language
 # of its script.
 _NEIGHBOURS: dict[str, tuple[str, ...]] = {
-    "de": ("pt",),
+    "de": (),
     "en": (),
     "es": ("fr", "it", "pt", "sw"),
     "fr": ("es", "pt"),
     "id": ("ms", "sw"),
     "it": ("es", "pt"),
     "ms": ("id", "sw"),
-    "pt": ("de", "es", "fr", "it"),
+    "pt": ("es", "fr", "it"),
     "sw": ("es", "id", "ms"),
     "vi": (),
 }

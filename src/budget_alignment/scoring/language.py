@@ -170,9 +170,10 @@ def _script_letters(script: str, text: str) -> float:
 # --- function words ------------------------------------------------------------------------------------------------
 
 # The most frequent words of the Latin-script languages a reasoning model writes (the project's targets, their
-# neighbours, and the other Latin-script languages of PolyMath and MGSM). Single letters are missing on purpose: they
-# are removed as variables before this step. A word counts for a language only where no other list has it (`que`
-# counts for none of French, Spanish, Portuguese and Catalan); see `function_word_vote`.
+# neighbours, and the other Latin-script languages of PolyMath and MGSM), and the imperatives math problems open with.
+# Single letters are missing on purpose: they are removed as variables before this step. A word counts for a language
+# only where no other list has it (`que` counts for none of French, Spanish, Portuguese and Catalan); see
+# `function_word_vote`.
 FUNCTION_WORDS: dict[str, frozenset[str]] = {
     lang: frozenset(words.split())
     for lang, words in {
@@ -180,35 +181,39 @@ FUNCTION_WORDS: dict[str, frozenset[str]] = {
         "which can will if so then than there their they its our us you all also any each into about when what how "
         "only one two three must would should could do does let me my now just same since because therefore here "
         "these those been were no get find need first next wait check gives he she his her him many much more less "
-        "did every given over after before off out up down again both",
+        "did every given over after before off out up down again both compute calculate determine evaluate simplify "
+        "solve prove show",
         "fr": "le la les de des du un une et est en que qui dans pour par sur avec nous vous on ce cette ces il elle "
         "ils donc mais pas ne plus ou où être été avons sont son sa ses se leur car alors ainsi comme aussi très "
         "tout tous toute chaque deux trois soit faut peut doit cela puis encore déjà même après avant lorsque quand "
         "au aux me nos notre entre an non si sans sous vers fait donne obtient reste trouve à était avait ont leurs "
-        "lui quel quelle quels quelles combien sinon",
+        "lui quel quelle quels quelles combien sinon calculez calculer calcule trouvez trouver déterminez déterminer "
+        "montrez simplifiez résolvez évaluez évaluer soient",
         "es": "el la los las de del al un una unos unas es en que por para con se su sus lo le les como pero más "
         "este esta estos estas ese esa eso esto hay entonces también muy todo todos cada entre dos tres sea debe "
         "puede luego ya tiene tenemos hemos nos porque cuando donde después antes según mismo cual cuál qué ahora "
         "así sin sobre hasta desde son está están no me si sí nuestro obtenemos queda quedan vez aquí par cuántos "
-        "cuántas cuánto cuánta fue era él ella ellos ellas uno toda todas",
+        "cuántas cuánto cuánta fue era él ella ellos ellas uno toda todas calcula calcule calcular encuentra "
+        "encuentre halla halle determina determine demuestra simplifica resuelve evalúa evalúe sean",
         "pt": "os as do da dos das de em um uma que para com não por no na nos nas se mais como mas ao aos ele ela "
         "isso isto este esta então também muito cada entre dois três seja pode deve já tem temos são está estão sua "
         "seu quando onde depois antes sem sobre até desde me si porque assim ou aqui vez fica é qual quais quanto "
         "quanta quantos quantas foi foram pelo pela pelos pelas eles elas dele dela seus suas todo todos toda todas "
-        "à era",
+        "à era calcule calcula calcular encontre determine mostre simplifique resolva avalie sejam prove",
         "it": "il lo la gli le di del della dei delle un una uno che per con non in da dal dalla su sul sulla si "
         "come ma più questo questa quindi anche ogni tra fra due tre sia può deve già ha hanno sono suo sua quando "
         "dove dopo prima senza sopra fino poi allora così ancora qui volta abbiamo otteniamo è nei nel nella al alla "
         "ai ed ci quale quanto quanta quanti quante suoi sue loro mentre ciascuno se ne qual era alle li quelle ho "
-        "all dell nell sull dall",
+        "all dell nell sull dall calcola calcolare trova trovare determina dimostra semplifica risolvi valuta siano",
         "de": "der die das und ist nicht ein eine einen einem mit den dem zu von für auf wir sich auch es im in des "
         "du sie er wird werden sind hat haben bei aus als wie wenn dann also noch nur so oder aber kann muss nach "
         "vor über unter zwei drei jede jeder dies diese dieser daher damit schon hier mal dass um an was war pro "
-        "sein seine ihr ihre kein keine viele alle",
+        "sein seine ihr ihre kein keine viele alle berechne berechnen bestimme bestimmen finde zeige vereinfache "
+        "löse sei seien",
         "ca": "el la els les de del dels un una uns unes és que per amb no en als al com però més aquest aquesta "
         "aquests aquestes això doncs també molt cada entre dos tres sigui ha han hem són està estan seu seva seus "
         "seves quan on després abans sense sobre fins des ja tenim cal si perquè així aquí vegada ens hi ho li "
-        "llavors tot tots totes",
+        "llavors tot tots totes calcula calculeu troba trobeu determina demostra simplifica resol siguin",
         "nl": "de het een en van in is dat op te zijn met voor niet aan er die als bij ook om maar dan zo nog wel "
         "uit door over naar heeft hebben wordt worden kan moet we wij ze hij zij dit deze wat hoe waar wanneer omdat "
         "dus twee drie elke elk alle geen tot na onder tussen zal zou",
@@ -497,6 +502,8 @@ class LanguageJudge:
             suspect = voted is None and lacks_function_words(sentence.words, rule.lang, sentence.text)
         if rule.candidates is None:  # lingua has nothing to choose among (English, told apart by function words)
             return None
+        if rule.lang in FUNCTION_WORDS and FUNCTION_WORDS[rule.lang].issuperset(sentence.words):
+            return None  # every word is the target's: lingua may prefer a neighbour that shares them ("Calcule")
         found = language_odds(rule.candidates, sentence.text, rule.lang)
         if suspect:  # no function word of the target: it must be lingua's clear choice
             return None if found is not None and found[1] <= -self.params.min_other_log_odds else _SUSPECT
