@@ -223,7 +223,9 @@ def build(
             if target not in texts or texts[target].strip() == texts["en"].strip():
                 continue  # an untranslated problem (the sources hold a few) is no target-language text
             near = [lang for lang in (neighbours or NEIGHBOURS[target]) if lang in texts]
-            answer = rng.choice(ANSWERS[target]).format(box=f"$\\boxed{{{problem.answer}}}$")
+            # PolyMath writes some answers as math ("${2, -2}$"): in the box, without their own dollars.
+            box = f"$\\boxed{{{problem.answer.replace('$', '')}}}$"
+            answer = rng.choice(ANSWERS[target]).format(box=box)
             reasonings = [("target", "", texts[target]), ("english", "en", texts["en"])]
             if near:
                 neighbour = rng.choice(near)
