@@ -41,6 +41,7 @@ ui: setup
 lint: setup-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports
 
 format: setup-dev
 	$(BIN)/ruff format src tests benchmarks

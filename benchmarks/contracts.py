@@ -42,14 +42,22 @@ def main() -> int:
     entry = TranslationParams(human=BundledSource(name="chains"))
 
     # Warm-up on a few records: imports, lingua's detector, the Data Docs site's static files.
-    contracts.check_translated(japanese[:50], english[:50], lang="ja", entry=entry, stage="translate@warmup-ja")
+    contracts.check_translated(japanese[:50], english[:50], lang="ja", entry=entry, stage="translate@warmup")
 
     started = time.perf_counter()
-    contracts.check_translated(japanese, english, lang="ja", entry=entry, stage="translate@chains-ja")
+    translated = contracts.check_translated(japanese, english, lang="ja", entry=entry, stage="translate@chains")
     translate_s = time.perf_counter() - started
     started = time.perf_counter()
-    contracts.check_normalized(japanese, english, lang="ja", rules=["halfwidth_digits"], stage="normalize@chains-ja")
+    normalized = contracts.check_normalized(
+        japanese,
+        english,
+        lang="ja",
+        rules=["halfwidth_digits"],
+        stage="normalize@chains",
+        expected_ids=[p.id for p in japanese],
+    )
     normalize_s = time.perf_counter() - started
+    assert translated.passed and normalized.passed, "the bundled chains must pass their contracts"
 
     ok = translate_s < args.limit_s and normalize_s < args.limit_s
     print(f"records: {args.records} (Japanese, each beside its English original)")

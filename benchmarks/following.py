@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from budget_alignment import prompts
+from budget_alignment import loading, prompts
 from budget_alignment.data.sources import load_source
 from budget_alignment.params import load_params
 from budget_alignment.scoring.language import LanguageJudge
-from budget_alignment.train.trainer_setup import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,8 +62,8 @@ def main() -> None:
     rows = []
     for named in args.model:
         name, _, folder = named.partition("=")
-        model = load_model(Path(folder)).eval()
-        tokenizer = load_tokenizer(Path(folder))
+        model = loading.load_model(Path(folder), params).eval()
+        tokenizer = loading.load_model_tokenizer(Path(folder), params)
         for lang in args.langs:
             source = spec.source if lang == "en" else spec.translation[lang].human
             problems = load_source(source, params.grpo.dataset, lang)[: args.limit]

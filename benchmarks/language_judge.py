@@ -348,6 +348,14 @@ def measure_neighbours(problems: list[Parallel], seed: int) -> dict[str, list[st
 # --- `budget-align score` end to end ---------------------------------------------------------------------------------
 
 
+def score_command() -> str:
+    """The command that scores a pair of record files: `score-files`, or `score` in checkouts from before it split."""
+    from budget_alignment import cli
+
+    names = {command.name for command in cli.app.registered_commands}
+    return "score-files" if "score-files" in names else "score"
+
+
 def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -395,7 +403,16 @@ def time_score_command(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])}
     started, cpu_started = time.perf_counter(), children_cpu_seconds()
     done = subprocess.run(
-        [command, "score", "problems.jsonl", "completions.jsonl", "--out", "scores.jsonl", "--params", "params.yaml"],
+        [
+            command,
+            score_command(),
+            "problems.jsonl",
+            "completions.jsonl",
+            "--out",
+            "scores.jsonl",
+            "--params",
+            "params.yaml",
+        ],
         cwd=folder,
         env=env,
         capture_output=True,

@@ -43,7 +43,8 @@ def start_server() -> tuple[ThreadingHTTPServer, list[int]]:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             requests[0] += 1
-            reply = {"choices": [{"message": {"content": pseudo_french(body["messages"][1]["content"])}}]}
+            text = pseudo_french(body["messages"][-1]["content"])
+            reply = {"object": "chat.completion", "choices": [{"index": 0, "message": {"content": text}}]}
             data = json.dumps(reply).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -121,6 +122,7 @@ def main() -> int:
         backend="openai",
         model="bench-translator",
         base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+        api_key_env=None,
         concurrency=8,
         max_chars_per_chunk=200,
     )
@@ -129,15 +131,15 @@ def main() -> int:
     write_records(paths.ingested("chains"), english_records(args.records))
 
     started = time.perf_counter()
-    translate_dataset(params, "chains", "fr")
+    translate_dataset(params, "chains", langs=["fr"])
     first = time.perf_counter() - started
     asked = requests[0]
     started = time.perf_counter()
-    translate_dataset(params, "chains", "fr")
+    translate_dataset(params, "chains", langs=["fr"])
     second = time.perf_counter() - started
     server.shutdown()
 
-    cached = json.loads((paths.data_quality_dir() / "translate" / "chains-fr.json").read_text())
+    cached = json.loads(paths.data_quality_report("translate@chains", "fr").read_text())
     print(f"records:                         {args.records}")
     print(f"first run:  {first:7.2f} s, {asked} chat requests (unique chunks)")
     print(f"second run: {second:7.2f} s, {requests[0] - asked} chat requests (all from the cache)")

@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository root, the real public data folder, and isolated tracking."""
+"""Shared fixtures: the repository root, the test data extracts, the tiny model, and isolated tracking."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# Small extracts of real public data, with their sources and licenses (fixtures/README.md): the suite needs nothing
+# outside the repository.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -20,11 +22,16 @@ def repo_root() -> Path:
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    """Real public evaluation data (../shared/data); tests that need it skip where it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent")
-    return SHARED_DATA
+def fixtures() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path) -> Path:
+    """A folder with the tiny chat model every model test uses and its tokenizer (test_train_helpers.py builds it)."""
+    from test_train_helpers import save_tiny_model
+
+    return save_tiny_model(tmp_path / "tiny-model")
 
 
 @pytest.fixture(autouse=True)

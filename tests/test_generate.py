@@ -1,4 +1,4 @@
-"""The generate stage with the transformers backend on a pico model: n samples, seeds, resume after a crash."""
+"""The generate stage with the transformers backend on the tiny model: n samples, seeds, resume after a crash."""
 
 from __future__ import annotations
 
@@ -7,52 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from budget_alignment import loading, paths
 from budget_alignment.evaluation import generate
+from budget_alignment.evaluation.problems import problems_file
 from budget_alignment.params import load_params
 from budget_alignment.records import Completion, Problem, read_records, write_records
+from test_train_helpers import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-CHATML = (
-    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
-)
-WORDS = ["<pad>", "<unk>", "<|im_end|>", "<|im_start|>", "<think>", "</think>", "A", "B", "C", "D", "1", "2"]
-
-
-def save_pico_model(folder: Path, kv_heads: int = 2) -> None:
-    vocab = {word: i for i, word in enumerate(WORDS)}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(WORDS),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=kv_heads,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BUDGET_ALIGNMENT_CACHE", str(tmp_path / ".cache"))
-    save_pico_model(paths.base_model_dir())
+    save_tiny_model(paths.base_model_dir())
     problems = [
         Problem(
             id=f"q{i}",
@@ -65,7 +35,7 @@ def project(tmp_path, monkeypatch):
         )
         for i in range(5)
     ]
-    write_records(paths.normalized("college_math", "fr"), problems)
+    write_records(problems_file("fr", "college_math"), problems)
     return tmp_path
 
 
@@ -89,7 +59,7 @@ def completions(folder: Path) -> list[Completion]:
 
 def test_n_samples_per_problem_deterministic_under_a_seed(project):
     params = tiny_params()
-    out = generate.generation_dir("base", "fr")
+    out = paths.generations_dir("base", "fr")
     summary = generate.generate_for_regime(params, "base", "fr", out)
     first = completions(out)
     assert len(first) == 5 * 3
@@ -107,7 +77,7 @@ def test_n_samples_per_problem_deterministic_under_a_seed(project):
 
 def test_a_crashed_run_resumes_without_regenerating_finished_problems(project, monkeypatch):
     params = tiny_params()
-    reference = generate.generation_dir("base", "fr")
+    reference = paths.generations_dir("base", "fr")
     generate.generate_for_regime(params, "base", "fr", reference)
     expected = completions(reference)
 
@@ -143,6 +113,21 @@ def test_a_crashed_run_resumes_without_regenerating_finished_problems(project, m
     assert completions(out) == expected
 
 
+def test_replica_processes_write_the_same_output_as_one_process(project):
+    """Generation spread over engine replicas (processes; on GPUs one per GPU group) draws the same samples."""
+    one = paths.generations_dir("base", "fr")
+    generate.generate_for_regime(tiny_params(), "base", "fr", one)
+    two = Path("data/generations/two-replicas")
+    params = tiny_params().model_copy(
+        update={"compute": tiny_params().compute.model_copy(update={"generation_replicas": 2})}
+    )
+    assert generate.replica_count(params) == 2
+    summary = generate.generate_for_regime(params, "base", "fr", two)
+    assert summary["reused_completions"] == 0
+    for name in ("college_math.jsonl", generate.META_FILE):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
 def test_changed_sampling_settings_discard_an_interrupted_run(project):
     work = project / ".cache/generations/base-fr"
     work.mkdir(parents=True)
@@ -153,23 +138,25 @@ def test_changed_sampling_settings_discard_an_interrupted_run(project):
         ).model_dump_json()
         + "\n"
     )
-    generate.generate_for_regime(tiny_params(n=1, k=[1]), "base", "fr", generate.generation_dir("base", "fr"))
-    assert "old" not in [c.text for c in completions(generate.generation_dir("base", "fr"))]
+    generate.generate_for_regime(tiny_params(n=1, k=[1]), "base", "fr", paths.generations_dir("base", "fr"))
+    assert "old" not in [c.text for c in completions(paths.generations_dir("base", "fr"))]
 
 
 def test_a_missing_model_is_a_clear_error(project):
-    with pytest.raises(generate.GenerationError, match="model sft-fr not found at data/models/sft/fr"):
-        generate.generate_for_regime(tiny_params(), "sft", "fr", generate.generation_dir("sft", "fr"))
+    with pytest.raises(
+        generate.GenerationError, match=r"model sft-fr: no model at data/models/sft/fr \(run its stage first\)"
+    ):
+        generate.generate_for_regime(tiny_params(), "sft", "fr", paths.generations_dir("sft", "fr"))
 
 
 def test_greedy_decoding_equals_transformers_generate_on_each_prompt_alone(project):
     # Grouped KV heads (2 query heads share 1) and prompts of different lengths (left padding): the backend's own
     # decoding loop (shared prompt cache, static cache, grouped attention) must pick the tokens `generate` picks.
-    save_pico_model(paths.base_model_dir(), kv_heads=1)
+    save_tiny_model(paths.base_model_dir(), kv_heads=1)
     params = tiny_params(temperature=0.0, max_new_tokens=8)
     backend = generate.TransformersBackend(params, paths.base_model_dir())
     assert backend.model.config._attn_implementation == "sdpa_grouped_kv"
-    texts = ["<|im_start|> A B <think>", "<|im_start|> C <think> 1 2 D D A", "B"]
+    texts = ["<|im_start|>user\nA B<think>\n", "<|im_start|>user\nCombien font 1 + 2 ? D D A<think>\n", "B"]
     results = backend.generate(texts, n=2, seed=0)
 
     reference = loading.load_causal_lm(paths.base_model_dir(), torch.float32)
@@ -177,15 +164,22 @@ def test_greedy_decoding_equals_transformers_generate_on_each_prompt_alone(proje
     tokenizer = backend.tokenizer()
     for text, samples in zip(texts, results, strict=True):
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        expected = reference.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=0)[0, ids.shape[1] :]
-        expected = expected.tolist()
-        stop = expected.index(2) + 1 if 2 in expected else len(expected)
+        generated = reference.generate(
+            ids,
+            do_sample=False,
+            max_new_tokens=8,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        expected = generated[0, ids.shape[1] :].tolist()
+        eos = tokenizer.eos_token_id
+        stop = expected.index(eos) + 1 if eos in expected else len(expected)
         assert [s.tokens for s in samples] == [stop, stop]
         assert samples[0].text == samples[1].text == tokenizer.decode(expected[:stop], skip_special_tokens=True)
 
 
 def test_grouped_attention_equals_sdpa_in_logits_and_gradients(tmp_path):
-    save_pico_model(tmp_path, kv_heads=1)
+    save_tiny_model(tmp_path, kv_heads=1)
     batch = {
         "input_ids": torch.tensor([[0, 0, 6, 7, 8], [3, 4, 9, 10, 11]]),
         "attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]),
@@ -197,8 +191,9 @@ def test_grouped_attention_equals_sdpa_in_logits_and_gradients(tmp_path):
         (logits * batch["attention_mask"][..., None]).sum().backward()
         results.append((logits.detach(), [p.grad for p in model.parameters()]))
     (sdpa_logits, sdpa_grads), (grouped_logits, grouped_grads) = results
-    assert torch.allclose(sdpa_logits, grouped_logits, atol=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(sdpa_grads, grouped_grads, strict=True))
+    torch.testing.assert_close(grouped_logits, sdpa_logits, rtol=1e-5, atol=1e-6)
+    for grouped, sdpa in zip(grouped_grads, sdpa_grads, strict=True):
+        torch.testing.assert_close(grouped, sdpa, rtol=1e-4, atol=1e-6)
 
 
 def test_top_p_sampling_draws_from_the_nucleus_in_proportion():
@@ -224,6 +219,6 @@ def test_vllm_backend_samples_n_completions(project):
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs a GPU")
     params = tiny_params(backend="vllm")
-    out = generate.generation_dir("base", "fr")
+    out = paths.generations_dir("base", "fr")
     generate.generate_for_regime(params, "base", "fr", out)
     assert len(completions(out)) == 15

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from budget_alignment import paths
 from budget_alignment.params import Params, PromptParams
-from budget_alignment.train import grpo, rewards, sft
+from budget_alignment.train import grpo, launch, rewards, sft
 from budget_alignment.train import trainer_setup as setup
 from test_train_helpers import (
     FAST_GRPO,
@@ -61,8 +61,8 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
         "grpo.top_p=0.9",
         "grpo.max_completion_length=33",
         "grpo.mask_truncated_completions=true",
-        "grpo.per_device_batch_size=6",
-        "grpo.gradient_accumulation_steps=3",
+        "grpo.prompts_per_step=9",
+        "grpo.per_device_batch_size=7",
         "grpo.max_steps=5",
         "grpo.save_steps=3",
     ]
@@ -81,8 +81,10 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
         "top_p": 0.9,
         "max_completion_length": 33,
         "mask_truncated_completions": True,
+        # 9 prompts x 2 rollouts = 18 completions per step on one process: 6 at once (7 would not divide 18) x 3.
         "per_device_train_batch_size": 6,
         "gradient_accumulation_steps": 3,
+        "generation_batch_size": 18,
         "max_steps": 5,
         "save_steps": 3,
         "use_vllm": False,
@@ -156,8 +158,9 @@ def test_tokens_generated_add_up_every_logged_generation():
 
 def test_init_base_puts_a_fresh_lora_on_the_base(project):
     params = tiny_params(grpo=FAST_GRPO | {"lora": {"r": 6, "alpha": 12}})
-    model, lora, start = grpo.load_policy(params, "base", "ja")
-    assert start == paths.base_model_dir() and lora.r == 6 and not hasattr(model, "peft_config")
+    policy = grpo.load_policy(params, "base", "ja")
+    assert policy.start == policy.parent == paths.base_model_dir() and policy.peft_config.r == 6
+    assert not hasattr(policy.model, "peft_config")
 
 
 def test_init_sft_continues_the_sft_adapter(project):
@@ -165,9 +168,10 @@ def test_init_sft_continues_the_sft_adapter(project):
     sft.train_sft(params, "ja")
     saved = load_file(paths.model_dir("sft-ja") / "adapter_model.safetensors")
 
-    model, lora, start = grpo.load_policy(params, "sft", "ja")
-    assert lora is None and start == paths.model_dir("sft-ja")
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    policy = grpo.load_policy(params, "sft", "ja")
+    assert policy.peft_config is None and policy.start == paths.model_dir("sft-ja")
+    assert policy.parent == paths.base_model_dir()  # the trained adapter still applies to the base
+    trainable = {name: p for name, p in policy.model.named_parameters() if p.requires_grad}
     assert len(trainable) == len(saved)
     for name, tensor in saved.items():  # PEFT stores `...lora_A.weight`, the live model `...lora_A.default.weight`
         live = trainable[name.replace(".weight", ".default.weight")]
@@ -181,12 +185,20 @@ def test_the_grpo_stage_logs_each_reward_to_its_mlflow_run(project):
 
     params = tiny_params(grpo=FAST_GRPO | {"max_steps": 2}, tracking={"enabled": True, "experiment": "grpo-test"})
     stage = grpo.stage_name("base", "ja")
-    outputs = [paths.model_dir("grpo_base-ja"), setup.metrics_file(stage)]
-    setup.run_stage(stage, params, grpo.SECTIONS, [], outputs, lambda run: grpo.train_grpo(params, "base", "ja", run))
+    outputs = [paths.model_dir("grpo_base-ja"), paths.training_metrics_file(stage)]
+    launch.run_stage(
+        stage,
+        params,
+        grpo.SECTIONS,
+        [],
+        outputs,
+        lambda run: grpo.train_grpo(params, "base", "ja", run),
+        batch_key=grpo.BATCH_KEY,
+    )
 
     out = paths.model_dir("grpo_base-ja")
     assert (out / "adapter_model.safetensors").is_file() and not list(out.glob("*.bin"))
-    metrics = json.loads(setup.metrics_file(stage).read_text())
+    metrics = json.loads(paths.training_metrics_file(stage).read_text())
     assert metrics["global_step"] == 2 and metrics["prompts"] == 6
     assert metrics["tokens_generated"] == 2 * 2 * 12  # 2 steps x 2 completions x 12 tokens (never ending early)
     assert set(metrics["rewards"]) == {"accuracy", "language", "format", "total"}

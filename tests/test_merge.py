@@ -8,38 +8,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from budget_alignment import merge, paths
 from budget_alignment.params import load_params
+from test_train_helpers import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-CHATML = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
-
-
-def pico_model(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
-
-
-def save_tokenizer(folder: Path) -> None:
-    vocab = {f"t{i}": i for i in range(30)} | {"<|im_end|>": 30, "<unk>": 31}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")), eos_token="<|im_end|>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -54,10 +29,9 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BUDGET_ALIGNMENT_CACHE", str(tmp_path / ".cache"))
     base = paths.base_model_dir()
-    pico_model(0).save_pretrained(base)
-    save_tokenizer(base)
+    save_tiny_model(base, seed=0)
     for seed, lang in enumerate(["ja", "fr"], start=1):
-        pico_model(seed).save_pretrained(paths.model_dir(f"sft-{lang}"))
+        save_tiny_model(paths.model_dir(f"sft-{lang}"), seed=seed)
     return tmp_path
 
 
@@ -111,7 +85,9 @@ def test_a_lora_member_is_applied_to_the_base(project):
 
 
 def test_a_missing_member_names_the_member_and_its_folder(project):
-    with pytest.raises(merge.MergeError, match=r"'sft-es' has no model at data/models/sft/es"):
+    with pytest.raises(
+        merge.MergeError, match=r"merge.members: 'sft-es': no model at data/models/sft/es \(run its stage first\)"
+    ):
         merge.merge_configuration(params_with(members=["base", "sft-es"]))
 
 

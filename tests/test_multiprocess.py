@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from budget_alignment import paths
-from budget_alignment.train import trainer_setup as setup
+from budget_alignment.train import launch, sft, trainer_setup
 from test_train_helpers import FAST_SFT, REPO, enter_project, subprocess_env, tiny_params, write_params
 
 
@@ -19,16 +21,17 @@ def project(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sft_on_two_cpu_processes_under_accelerate_launch(project):
-    # 6 chains, 2 per process and step: one epoch is 2 steps on 2 processes (it would be 3 on one).
-    params = tiny_params(
-        compute={"num_processes": 2, "accelerate_config": "conf/accelerate/ddp.yaml", "torch_threads": 1},
-        sft=FAST_SFT | {"max_steps": -1, "num_train_epochs": 1},
-    )
+def test_two_processes_train_the_same_recipe_as_one(project):
+    """2 processes (gloo on the CPU) take the same global batch and the same optimizer steps as 1 process."""
+    sft_settings = FAST_SFT | {"max_steps": -1, "num_train_epochs": 1, "batch_size": 2, "per_device_batch_size": 2}
+    one = tiny_params(compute={"num_processes": 1, "torch_threads": 1}, sft=sft_settings)
+    reference = sft.train_sft(one, "ja")
+    shutil.rmtree(paths.model_dir("sft-ja"))
+
+    two = tiny_params(compute={"num_processes": 2, "torch_threads": 1}, sft=sft_settings)
     (project / "conf/accelerate").mkdir(parents=True)
     (project / "conf/accelerate/ddp.yaml").write_text((REPO / "conf/accelerate/ddp.yaml").read_text())
-    params_file = write_params(project / "params.yaml", params)
-
+    params_file = write_params(project / "params.yaml", two)
     result = subprocess.run(
         [sys.executable, "-m", "budget_alignment.cli", "-v", "sft", "ja", "--params", str(params_file)],
         cwd=project,
@@ -38,17 +41,37 @@ def test_sft_on_two_cpu_processes_under_accelerate_launch(project):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "launching 2 processes" in result.stderr
-    assert "accelerate.commands.launch" in result.stderr
+    assert "launching 2 processes" in result.stderr and "--config_file conf/accelerate/ddp.yaml" in result.stderr
     assert "training on 2 processes (MULTI_CPU)" in result.stderr
 
-    metrics = json.loads(setup.metrics_file("sft@ja").read_text())
-    assert metrics["global_step"] == 2 and metrics["tokens_trained"] > 0
+    metrics = json.loads(paths.training_metrics_file("sft@ja").read_text())
+    # 6 chains, 2 per optimizer step: 3 steps either way (1 per device and step on 2 processes, 2 on one).
+    assert metrics["global_step"] == reference["global_step"] == 3
+    assert metrics["global_batch_size"] == reference["global_batch_size"] == 2
+    assert metrics["tokens_trained"] == reference["tokens_trained"] > 0  # every chain seen once, on either count
     assert (paths.model_dir("sft-ja") / "adapter_model.safetensors").is_file()
     # The launching process tracked the stage and took the ranks' figures into its budget.
     budget = json.loads(paths.budget_file("sft@ja").read_text())
     assert budget["tokens_trained"] == metrics["tokens_trained"]
     assert not list(paths.models_dir().glob(".*"))  # no staging or temporary folders left behind
+
+
+def test_a_global_batch_the_processes_cannot_share_stops_the_stage_before_any_work(project):
+    data = tiny_params(sft=FAST_SFT).model_dump(mode="json")
+    data["compute"]["num_processes"], data["sft"]["batch_size"] = 2, 3
+    params_file = project / "params.yaml"
+    params_file.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "budget_alignment.cli", "sft", "ja", "--params", str(params_file)],
+        cwd=project,
+        env=subprocess_env(project),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "sft.batch_size: 3 per step cannot be split evenly over 2 processes" in result.stderr
+    assert "Traceback" not in result.stderr and not paths.model_dir("sft-ja").exists()
 
 
 @pytest.mark.parametrize(
@@ -68,8 +91,35 @@ def test_the_shipped_accelerate_configs_load_and_save_loadable_models(name, dist
 
 def test_the_relaunch_runs_the_same_command_under_accelerate_launch():
     params = tiny_params(compute={"num_processes": 4, "accelerate_config": "conf/accelerate/zero3.yaml"})
-    command = setup.relaunch_command(params.compute, ["grpo", "sft", "fr", "--params", "p.yaml"])
+    command = launch.relaunch_command(params.compute, ["grpo", "sft", "fr", "--params", "p.yaml"])
     assert command[1:] == [
         "-m", "accelerate.commands.launch", "--config_file", "conf/accelerate/zero3.yaml", "--num_processes", "4",
         "-m", "budget_alignment.cli", "grpo", "sft", "fr", "--params", "p.yaml",
     ]  # fmt: skip
+
+
+def test_auto_picks_data_parallel_for_lora_and_the_cpu_and_sharding_for_a_full_fine_tune_on_gpus(monkeypatch):
+    import torch
+
+    auto = tiny_params(compute={"device": "auto", "num_processes": "auto", "accelerate_config": "auto"}).compute
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch.process_count(auto) == 1
+    assert launch.accelerate_config(auto, full_finetune=True) == "conf/accelerate/ddp.yaml"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert launch.process_count(auto) == 8
+    assert launch.accelerate_config(auto, full_finetune=False) == "conf/accelerate/ddp.yaml"
+    assert launch.accelerate_config(auto, full_finetune=True) == "conf/accelerate/fsdp.yaml"
+    zero3 = auto.model_copy(update={"sharding": "zero3"})
+    assert launch.accelerate_config(zero3, full_finetune=True) == "conf/accelerate/zero3.yaml"
+
+
+@pytest.mark.parametrize(
+    ("global_size", "max_per_device", "processes", "plan"),
+    [(24, 8, 1, (8, 3)), (24, 8, 8, (3, 1)), (24, 8, 2, (6, 2)), (16, 1, 8, (1, 2)), (18, 7, 1, (6, 3))],
+)
+def test_a_global_batch_is_split_into_per_device_batches_and_accumulation(
+    global_size, max_per_device, processes, plan
+):
+    split = trainer_setup.batch_plan(global_size, max_per_device, processes, "grpo.prompts_per_step")
+    assert (split.per_device, split.accumulation) == plan and split.global_size == global_size

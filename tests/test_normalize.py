@@ -1,21 +1,26 @@
-"""The normalization rules: a table of cases per rule, real multilingual data, idempotence (hypothesis)."""
+"""The normalization rules: a table of cases per rule, the cleaning every record gets, extracts of real
+multilingual data (tests/fixtures), idempotence (hypothesis)."""
 
 from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from budget_alignment.data.normalize import RULES, enabled_rules, normalize_problem, normalize_text
+from budget_alignment.data.normalize import (
+    RULES,
+    clean_text,
+    enabled_rules,
+    normalize_field,
+    normalize_problem,
+    normalize_text,
+)
 from budget_alignment.params import NormalizeLangParams
 from budget_alignment.records import Problem
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+from conftest import FIXTURES
 
 CASES = [
     # (rule, lang, text, expected)
@@ -63,6 +68,36 @@ CASES = [
 @pytest.mark.parametrize(("rule", "lang", "text", "expected"), CASES)
 def test_rule(rule, lang, text, expected):
     assert RULES[rule].apply(text, lang) == expected
+
+
+CLEANUP_CASES = [
+    # (text, expected)
+    ("e\u0301te\u0301", "été"),  # decomposed accents -> NFC
+    ("ｃｍ and １２", "ｃｍ and １２"),  # NFC, not NFKC: full width is a rule's business
+    ("one\r\ntwo\rthree", "one\ntwo\nthree"),
+    ("trailing   \nblanks\t\nend  ", "trailing\nblanks\nend"),
+    ("a\n\n\n\n\n\nb", "a\n\n\nb"),  # more than two blank lines -> two
+    ("a\n\n\nb", "a\n\n\nb"),  # two blank lines stay
+    ("a\n  \n \n\t\n\nb", "a\n\n\nb"),  # lines of blanks are blank lines
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CLEANUP_CASES)
+def test_cleanup(text, expected):
+    assert clean_text(text) == expected
+    assert clean_text(expected) == expected
+
+
+def test_every_record_is_cleaned_even_without_rules():
+    problem = _problem(
+        question="Combien de cafe\u0301s ?  \r\n",
+        solution="Étape 1.\r\n\r\n\r\n\r\nÉtape 2.",
+        answer="e\u0301",
+    )
+    out = normalize_problem(problem, [])
+    assert out.question == "Combien de cafés ?\n"
+    assert out.solution == "Étape 1.\n\n\nÉtape 2."
+    assert out.answer == "é"
 
 
 def test_every_switch_has_a_rule():
@@ -114,7 +149,7 @@ def test_width_rules_do_apply_to_math_answers():
 # --- idempotence -------------------------------------------------------------------------------------------------
 
 ALPHABET = [
-    *list("0123456789０１２３４５６７８９ ,.，．$ {}()（）+-＋－=ｍ\n\xa0\u202f"),
+    *list("0123456789０１２３４５６７８９ ,.，．$ {}()（）+-＋－=ｍ\n\r\t\xa0\u202f\u0301e"),
     "\\,",
     "{,}",
     ",\\!",
@@ -149,8 +184,8 @@ LANGUAGE_RULES = {
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=texts, lang=st.sampled_from(sorted(LANGUAGE_RULES)))
 def test_normalizing_twice_changes_nothing(text, lang):
-    once = normalize_text(text, lang, LANGUAGE_RULES[lang])
-    assert normalize_text(once, lang, LANGUAGE_RULES[lang]) == once
+    once = normalize_field(text, lang, LANGUAGE_RULES[lang])
+    assert normalize_field(once, lang, LANGUAGE_RULES[lang]) == once
 
 
 @settings(max_examples=150, deadline=None)
@@ -160,13 +195,12 @@ def test_each_rule_alone_is_idempotent(text, rule, lang):
     assert RULES[rule].apply(once, lang) == once
 
 
-# --- real data -----------------------------------------------------------------------------------------------------
+# --- real data (extracts: tests/fixtures/README.md) -------------------------------------------------------------
 
 
-@needs_shared_data
 def test_real_french_and_spanish_mgsm():
     for lang in ("fr", "es"):
-        with (SHARED_DATA / "mgsm" / f"mgsm_{lang}.tsv").open(encoding="utf-8") as handle:
+        with (FIXTURES / "mgsm" / f"mgsm_{lang}.tsv").open(encoding="utf-8") as handle:
             questions = [row[0] for row in csv.reader(handle, delimiter="\t")]
         rules = LANGUAGE_RULES[lang]
         normalized = [normalize_text(q, lang, rules) for q in questions]
@@ -177,29 +211,28 @@ def test_real_french_and_spanish_mgsm():
             assert "1.5" in joined and "19.50" in joined
 
 
-@needs_shared_data
 def test_real_japanese_has_no_fullwidth_digits_after_normalizing():
     rules = LANGUAGE_RULES["ja"]
-    with (SHARED_DATA / "jmmlu" / "college_mathematics.csv").open(encoding="utf-8-sig") as handle:
+    with (FIXTURES / "jmmlu" / "college_mathematics.csv").open(encoding="utf-8-sig") as handle:
         cells = [cell for row in csv.reader(handle) for cell in row]
     texts = cells + [
         json.loads(line)["question"]
         for level in ("low", "medium", "high", "top")
-        for line in (SHARED_DATA / "polymath" / "ja" / f"{level}.jsonl").open(encoding="utf-8")
+        for line in (FIXTURES / "polymath" / "ja" / f"{level}.jsonl").open(encoding="utf-8")
     ]
+    assert any(ch in "０１２３４５６７８９" for t in texts for ch in t)
     normalized = [normalize_text(t, "ja", rules) for t in texts]
     assert not any(ch in "０１２３４５６７８９" for t in normalized for ch in t)
     assert all(normalize_text(n, "ja", rules) == n for n in normalized)
     assert any("km" in t for t in normalized)
 
 
-@needs_shared_data
 def test_real_spanish_polymath_notation():
     rules = ["spanish_math_notation"]
     lines = [
         json.loads(line)["question"]
         for level in ("high", "top")
-        for line in (SHARED_DATA / "polymath" / "es" / f"{level}.jsonl").open(encoding="utf-8")
+        for line in (FIXTURES / "polymath" / "es" / f"{level}.jsonl").open(encoding="utf-8")
     ]
     normalized = "\n".join(normalize_text(t, "es", rules) for t in lines)
     assert "\\text{gcd}" in normalized and "\\text{mcd}" not in normalized

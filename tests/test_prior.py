@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from budget_alignment import prompts
+from budget_alignment import loading, paths, prompts
 from budget_alignment.train import prior
 from budget_alignment.train import trainer_setup as setup
 from test_train_helpers import FAST_SFT, bundled_rows, composed, save_tiny_model, tiny_params, tiny_tokenizer
@@ -66,6 +66,6 @@ def test_the_prior_is_merged_into_the_model_folder(tmp_path, monkeypatch):
     )
     assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])  # LoRA touches linear layers only
     assert json.loads((folder / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
-    model = setup.load_model(folder, params)
+    model = loading.load_model(folder, params)
     assert not torch.isnan(model(torch.tensor([[1, 2, 3]])).logits).any()
-    assert not setup.checkpoint_root("base_model").exists()
+    assert not paths.checkpoints_dir("base_model").exists()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -12,8 +10,8 @@ from transformers import PreTrainedTokenizerFast
 from budget_alignment import prompts
 from budget_alignment.params import PromptParams
 from budget_alignment.records import Problem
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures"
 CHATML = (
     "{% for message in messages %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from budget_alignment import report
+from budget_alignment import budget, paths, report
 from budget_alignment.io import write_json
 from budget_alignment.params import load_params
 
@@ -89,9 +89,9 @@ def project(tmp_path, monkeypatch):
                     "problems": 8,
                     "samples": 32,
                 }
-            write_json(report.scores_file(regime, lang), scores)
+            write_json(paths.score_metrics_file(regime, lang), scores)
     write_json(
-        report.scores_file("base", "en"),
+        paths.score_metrics_file("base", "en"),
         {d: {f"pass@{k}": 0.9 for k in evaluation.k} | {"following": 1.0} for d in evaluation.datasets},
     )
     write_json(
@@ -126,6 +126,8 @@ def test_build_report_writes_metrics_markdown_figures_and_plot_data(project):
     assert "GRPO-from-SFT strictly dominates Base in 4 of 6 (dataset, language) pairs" in text
     assert "| SFT - Base | college_math | ja |" in text
     assert "Base (reasoning in English)" in text
+    # The report is a function of the scores: the run's cost (budget files on disk) stays out of it.
+    assert "wall s" not in text and "sft@ja" not in text
     for name in ("pareto", "following", "passk"):
         png = Path(f"reports/figures/{name}.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -141,21 +143,28 @@ def test_budget_is_summed_per_regime():
         "grpo@sft-ja": {"wall_seconds": 2.0, "peak_rss_bytes": 9, "tokens_generated": 3},
         "ingest@math": {"wall_seconds": 99.0},
     }
-    totals = report.budget_by_regime(budgets)
+    totals = budget.budget_by_regime(budgets)
     assert totals["sft"] == {"wall_seconds": 15.0, "peak_rss_bytes": 3, "tokens_trained": 150, "tokens_generated": 0}
     assert totals["grpo_sft"]["wall_seconds"] == 3.0 and totals["grpo_sft"]["tokens_generated"] == 10
     assert set(totals) == {"sft", "grpo_sft"}
 
 
+def test_the_budget_tool_writes_the_measured_cost_per_stage_and_regime(project):
+    written = budget.write_budget_report()
+    text = written.read_text()
+    assert written == Path("reports/budget.md")
+    assert "| sft@ja | 10.0 | 2.00 | 1,000 | 0 | – |" in text and "| SFT | 10.0 |" in text
+
+
 def test_a_missing_score_file_names_the_stage(project):
-    report.scores_file("merge", "es").unlink()
+    paths.score_metrics_file("merge", "es").unlink()
     with pytest.raises(report.ReportError, match=r"run stage score@merge-es first"):
         report.build_report(project)
 
 
 def test_a_list_in_a_score_file_is_no_figure(project):
     # `budget-align score` lists the pass@k it left out; the report flattens numbers only.
-    path = report.scores_file("sft", "ja")
+    path = paths.score_metrics_file("sft", "ja")
     scores = json.loads(path.read_text())
     scores["aime25"]["left_out"] = []
     write_json(path, scores)
@@ -165,7 +174,7 @@ def test_a_list_in_a_score_file_is_no_figure(project):
 
 
 def test_a_score_file_without_a_pass_at_k_of_the_params_is_a_clear_error(project):
-    path = report.scores_file("sft", "fr")
+    path = paths.score_metrics_file("sft", "fr")
     scores = json.loads(path.read_text())
     k = max(project.evaluation.k)
     del scores["aime25"][f"pass@{k}"]

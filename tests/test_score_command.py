@@ -1,4 +1,4 @@
-"""`budget-align score` end to end on small files, its errors, and the process pool."""
+"""`budget-align score-files` end to end on small files, its errors, and the process pool."""
 
 from __future__ import annotations
 
@@ -112,12 +112,12 @@ def params(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Params:
         tracking=TrackingParams(enabled=False),
     )
     monkeypatch.setattr(cli, "load", lambda _path: loaded)
-    monkeypatch.chdir(tmp_path)  # the stage's budget report lands under reports/
+    monkeypatch.chdir(tmp_path)  # where a pipeline's reports/ and mlflow.db would be
     return loaded
 
 
 def _run(*args: str):
-    return CliRunner().invoke(cli.app, ["score", *args])
+    return CliRunner().invoke(cli.app, ["score-files", *args])
 
 
 def _assert_clean_error(result, *fragments: str) -> None:
@@ -143,6 +143,8 @@ def test_score_command_end_to_end(files: tuple[Path, Path], params: Params, tmp_
     assert scores[0].extracted == "0,5"
 
     metrics = json.loads((tmp_path / "scores" / "sft-fr.metrics.json").read_text(encoding="utf-8"))
+    # A tool beside the pipeline: nothing lands in the pipeline's folders, no MLflow run in its experiment.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["completions.jsonl", "problems.jsonl", "scores"]
     assert metrics.keys() == EXPECTED_METRICS.keys()
     for dataset, expected in EXPECTED_METRICS.items():
         assert metrics[dataset].keys() == expected.keys()

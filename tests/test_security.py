@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from budget_alignment import loading, merge, paths
 from budget_alignment.evaluation import generate
-from test_merge import pico_model, save_tokenizer
-from test_train_helpers import tiny_params
+from test_train_helpers import save_tiny_model, tiny_model, tiny_params, tiny_tokenizer
 
 # A model whose own code leaves a trace (the file MARKER) when Python imports it.
 CUSTOM_CODE = """
@@ -51,8 +49,7 @@ def as_pickle(folder: Path, name: str) -> None:
 
 
 def pickle_model(folder: Path) -> Path:
-    pico_model(0).save_pretrained(folder)
-    save_tokenizer(folder)
+    save_tiny_model(folder)
     as_pickle(folder, "pytorch_model.bin")
     return folder
 
@@ -67,13 +64,13 @@ def test_a_folder_with_only_pickle_weights_is_refused_naming_the_file(tmp_path):
 def test_a_lora_adapter_saved_as_pickle_is_refused(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    base = pico_model(0)
+    base = tiny_model(tiny_tokenizer())
     adapter = tmp_path / "adapter"
     get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
     as_pickle(adapter, "adapter_model.bin")
     assert (adapter / "adapter_model.bin").is_file()
     with pytest.raises(loading.UnsafeModelError, match=r"adapter_model\.bin"):
-        loading.load_adapter(pico_model(0), adapter)
+        loading.load_adapter(tiny_model(tiny_tokenizer()), adapter)
 
 
 def test_the_generate_and_merge_stages_refuse_pickle_models(project):
@@ -81,7 +78,7 @@ def test_the_generate_and_merge_stages_refuse_pickle_models(project):
     params = tiny_params()
     with pytest.raises(loading.UnsafeModelError, match=r"pytorch_model\.bin"):
         generate.TransformersBackend(params, paths.base_model_dir())
-    pico_model(1).save_pretrained(paths.model_dir("sft-ja"))
+    save_tiny_model(paths.model_dir("sft-ja"), seed=1)
     with pytest.raises(merge.MergeError, match=r"merge.members: 'base'.*pytorch_model\.bin"):
         merge.merge_models(tiny_params(merge={"members": ["base", "sft-ja"]}), paths.model_dir("merge"))
     assert not paths.model_dir("merge").exists()
@@ -89,11 +86,7 @@ def test_the_generate_and_merge_stages_refuse_pickle_models(project):
 
 def custom_code_model(folder: Path) -> Path:
     """A safetensors model whose config.json points at its own modeling code (as hub models with remote code do)."""
-    config = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    save_tokenizer(folder)
+    save_tiny_model(folder)
     settings = json.loads((folder / "config.json").read_text())
     settings |= {
         "model_type": "pico-custom",

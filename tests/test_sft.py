@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from budget_alignment import paths
+from budget_alignment import loading, paths
 from budget_alignment.params import ComputeParams, PromptParams, SftParams
-from budget_alignment.train import sft
-from budget_alignment.train import trainer_setup as setup
+from budget_alignment.prompts import without_duplicate_bos
+from budget_alignment.train import checkpoints as setup
+from budget_alignment.train import sft, trainer_setup
 from test_train_helpers import (
     FAST_SFT,
     enter_project,
@@ -53,8 +54,8 @@ def test_sft_config_carries_the_params_and_the_cpu_flags(tmp_path):
         learning_rate=3e-4,
         num_train_epochs=2,
         max_steps=9,
+        batch_size=12,
         per_device_batch_size=3,
-        gradient_accumulation_steps=4,
         max_length={"default": 320, "ja": 448},
         warmup_ratio=0.1,
         lr_scheduler_type="linear",
@@ -131,19 +132,21 @@ def test_the_sft_stage_writes_a_loadable_adapter_and_its_metrics(project):
     assert not list(out.glob("*.bin")) and not (out / "README.md").exists()
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(paths.base_model_dir()) and config["r"] == 4
-    model = setup.load_model(out, params)
+    model = loading.load_model(out, params)
     assert any(torch.count_nonzero(p) for n, p in model.named_parameters() if "lora_B" in n)
 
-    written = json.loads(setup.metrics_file("sft@ja").read_text())
+    written = json.loads(paths.training_metrics_file("sft@ja").read_text())
     assert written == {"stage": "sft@ja", **metrics}
     assert metrics["global_step"] == 2 and metrics["examples"] == 6 and metrics["tokens_trained"] > 0
-    assert metrics["resumed_from_step"] is None and metrics["truncated_examples"] == 0
-    assert not setup.checkpoint_root("sft@ja").exists()
+    assert "resumed_from_step" not in metrics and metrics["truncated_examples"] == 0
+    assert not paths.checkpoints_dir("sft@ja").exists()
 
 
 def test_missing_data_is_a_clear_error(project):
     paths.normalized("chains", "ja").unlink()
-    with pytest.raises(setup.TrainingError, match=r"chains/ja.jsonl does not exist \(run the data stages first\)"):
+    with pytest.raises(
+        trainer_setup.TrainingError, match=r"chains/ja.jsonl does not exist \(run the data stages first\)"
+    ):
         sft.train_sft(tiny_params(sft=FAST_SFT), "ja")
 
 
@@ -153,7 +156,7 @@ def test_a_killed_sft_stage_resumes_from_its_last_checkpoint(project):
     params = tiny_params(sft=FAST_SFT | {"max_steps": steps, "save_steps": 4})
     params_file = write_params(project / "params.yaml", params)
     command = [sys.executable, "-m", "budget_alignment.cli", "sft", "ja", "--params", str(params_file)]
-    root = setup.checkpoint_root("sft@ja")
+    root = paths.checkpoints_dir("sft@ja")
 
     def complete_checkpoints() -> list[Path]:
         return sorted(root.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}"))
@@ -169,13 +172,13 @@ def test_a_killed_sft_stage_resumes_from_its_last_checkpoint(project):
     second = subprocess.run(command, cwd=project, env=subprocess_env(project), capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming from {last}" in second.stderr
-    metrics = json.loads(setup.metrics_file("sft@ja").read_text())
-    assert metrics["resumed_from_step"] == setup.checkpoint_step(last)
-    assert metrics["global_step"] == steps
+    metrics = json.loads(paths.training_metrics_file("sft@ja").read_text())
+    budget = json.loads(paths.budget_file("sft@ja").read_text())
+    assert budget["resumed_from_step"] == setup.checkpoint_step(last)
+    assert metrics["global_step"] == steps and "resumed_from_step" not in metrics
     assert (paths.model_dir("sft-ja") / "adapter_model.safetensors").is_file()
     assert load_file(paths.model_dir("sft-ja") / "adapter_model.safetensors")
     assert not root.exists()
-    budget = json.loads(paths.budget_file("sft@ja").read_text())
     assert budget["tokens_trained"] == metrics["tokens_trained"] > 0
 
 
@@ -195,4 +198,4 @@ def test_a_bos_written_by_the_chat_template_is_not_doubled_by_the_tokenizer():
     assert example["prompt"].startswith("<｜User｜>")
     assert tokenizer(example["prompt"])["input_ids"].count(1) == 1
     # A tokenizer that does not add BOS keeps the template's.
-    assert setup.without_duplicate_bos(tiny_tokenizer(), "<|im_start|>user") == "<|im_start|>user"
+    assert without_duplicate_bos(tiny_tokenizer(), "<|im_start|>user") == "<|im_start|>user"

@@ -1,4 +1,5 @@
-"""Sources and loaders: real public files through the `local` source, hub-format fixtures, the bundled sets."""
+"""Sources and loaders: extracts of real public files (tests/fixtures) through the `local` source, hub-format
+fixtures, the bundled sets."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from budget_alignment.data import sources
-from budget_alignment.data.sources import LOADERS, SourceError, bundled_sets, load_source, split_embedded_choices
+from budget_alignment.data import loaders, sources
+from budget_alignment.data.loaders import LOADERS, SourceError, split_embedded_choices
+from budget_alignment.data.sources import bundled_sets, load_source
+from budget_alignment.fingerprints import sha256_file
 from budget_alignment.params import BundledSource, HubDatasetSource, LocalSource
 from budget_alignment.records import CHOICE_LETTERS
+from conftest import FIXTURES
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
 LANGS = ("en", "ja", "fr", "es")
 
 
@@ -25,17 +27,16 @@ def local(path: Path, **fields) -> LocalSource:
     return LocalSource(kind="local", path=str(path), **fields)
 
 
-# --- real files ----------------------------------------------------------------------------------------------------
+# --- real files (extracts: tests/fixtures/README.md) -----------------------------------------------------------------
 
 
-@needs_shared_data
 def test_math500_jsonl_with_its_loader_and_with_a_field_mapping():
-    path = SHARED_DATA / "math500" / "test.jsonl"
+    path = FIXTURES / "math500" / "test.jsonl"
     problems = load_source(local(path, loader="math500"), "math", "en")
-    assert len(problems) == 500
+    assert len(problems) == 24
     assert problems[0].id == "test/precalculus/807.json"
     assert all(p.answer_type == "math" and p.answer.strip() and p.solution for p in problems)
-    assert problems[0].provenance["sha256"] == "35dc41080a3680858b27fa7e0533d2d547825316fc5dafe5d316f4ccc5a06132"
+    assert problems[0].provenance["sha256"] == sha256_file(path)
     assert problems[0].provenance["subject"] == "Precalculus"
     mapped = load_source(
         local(path, fields={"id": "unique_id", "question": "problem", "answer": "answer", "solution": "solution"}),
@@ -48,35 +49,32 @@ def test_math500_jsonl_with_its_loader_and_with_a_field_mapping():
 MMLU_FIELDS = {"question": 0, "choices": [1, 2, 3, 4], "answer": 5}
 
 
-@needs_shared_data
 def test_mmlu_college_math_headerless_csv():
-    path = SHARED_DATA / "mmlu_college_mathematics" / "college_mathematics_test.csv"
+    path = FIXTURES / "mmlu_college_mathematics" / "college_mathematics_test.csv"
     problems = load_source(local(path, header=False, fields=MMLU_FIELDS), "college_math", "en")
-    assert len(problems) == 100
+    assert len(problems) == 8
     assert all(p.answer_type == "choice" and list(p.choices) == list("ABCD") for p in problems)
     assert all(p.answer in "ABCD" for p in problems)
     assert problems[0].id == "college_math-00000"
     assert {p.answer for p in problems} == set("ABCD")
 
 
-@needs_shared_data
 def test_jmmlu_csv_with_a_byte_order_mark():
-    path = SHARED_DATA / "jmmlu" / "college_mathematics.csv"
+    path = FIXTURES / "jmmlu" / "college_mathematics.csv"
     assert path.read_bytes().startswith(b"\xef\xbb\xbf")
     problems = load_source(local(path, header=False, fields=MMLU_FIELDS), "college_math", "ja")
-    assert len(problems) == 99
+    assert len(problems) == 6
     assert not problems[0].question.startswith("\ufeff")
     assert all(p.lang == "ja" and p.answer in "ABCD" for p in problems)
 
 
-@needs_shared_data
 def test_mmlu_pro_health_from_parquet_with_ten_options():
-    path = SHARED_DATA / "mmlu_pro" / "test-00000-of-00001.parquet"
+    path = FIXTURES / "mmlu_pro" / "test-extract.parquet"
     problems = load_source(local(path, loader="mmlu_pro", filters={"category": "health"}), "medicine", "en")
-    assert len(problems) == 818
-    assert max(len(p.choices) for p in problems) == 10
+    assert len(problems) == 6
+    assert sorted(len(p.choices) for p in problems) == [4, 7, 10, 10, 10, 10]
     ten = [p for p in problems if len(p.choices) == 10]
-    assert len(ten) == 597 and all(list(p.choices) == list(CHOICE_LETTERS) for p in ten)
+    assert len(ten) == 4 and all(list(p.choices) == list(CHOICE_LETTERS) for p in ten)
     assert all(p.answer in p.choices for p in problems)
     assert all(p.provenance["category"] == "health" for p in problems)
     assert problems[0].provenance["filters"] == {"category": "health"}
@@ -93,32 +91,30 @@ def test_mmlu_pro_health_from_parquet_with_ten_options():
     assert [p.answer for p in mapped] == [p.answer for p in problems]
 
 
-@needs_shared_data
 def test_mgsm_tsv_in_four_languages_aligned_by_row():
     loaded = {
         lang: load_source(
-            local(SHARED_DATA / "mgsm" / f"mgsm_{lang}.tsv", header=False, fields={"question": 0, "answer": 1}),
+            local(FIXTURES / "mgsm" / f"mgsm_{lang}.tsv", header=False, fields={"question": 0, "answer": 1}),
             "mgsm",
             lang,
         )
         for lang in LANGS
     }
-    assert all(len(problems) == 250 for problems in loaded.values())
+    assert all(len(problems) == 6 for problems in loaded.values())
     assert [p.id for p in loaded["ja"]] == [p.id for p in loaded["en"]]
     assert [p.answer for p in loaded["fr"]] == [p.answer for p in loaded["en"]]
 
 
-@needs_shared_data
 def test_polymath_jsonl():
     problems = load_source(
         local(
-            SHARED_DATA / "polymath" / "fr" / "low.jsonl",
+            FIXTURES / "polymath" / "fr" / "low.jsonl",
             fields={"id": "id", "question": "question", "answer": "answer"},
         ),
         "polymath",
         "fr",
     )
-    assert len(problems) == 125
+    assert len(problems) == 6
     assert problems[0].id == "low-fr-0"
     assert all(isinstance(p.answer, str) and p.answer for p in problems)
 
@@ -177,14 +173,14 @@ def test_errors_name_the_file_the_row_and_the_field(tmp_path):
 
 def test_choice_answers_as_letters_indices_and_texts():
     choices = {"A": "red", "B": "green", "C": "blue"}
-    assert sources.choice_answer("B", choices) == "B"
-    assert sources.choice_answer("(C)", choices) == "C"
-    assert sources.choice_answer("\\boxed{A}", choices) == "A"
-    assert sources.choice_answer(2, choices) == "C"
-    assert sources.choice_answer("1", choices) == "B"
-    assert sources.choice_answer("green", choices) == "B"
-    assert sources.answer_string(18.0) == "18"
-    assert sources.answer_string(2.5) == "2.5"
+    assert loaders.choice_answer("B", choices) == "B"
+    assert loaders.choice_answer("(C)", choices) == "C"
+    assert loaders.choice_answer("\\boxed{A}", choices) == "A"
+    assert loaders.choice_answer(2, choices) == "C"
+    assert loaders.choice_answer("1", choices) == "B"
+    assert loaders.choice_answer("green", choices) == "B"
+    assert loaders.answer_string(18.0) == "18"
+    assert loaders.answer_string(2.5) == "2.5"
 
 
 # --- the bundled sets ----------------------------------------------------------------------------------------------
@@ -360,7 +356,7 @@ def test_hub_xreasoning_sets_one_split_per_language(hub):
 def test_embedded_choices_on_one_line():
     question, choices = split_embedded_choices("Pick one. (A) 1 (B) 2 (C) 3 (D) 4")
     assert question == "Pick one." and choices == {"A": "1", "B": "2", "C": "3", "D": "4"}
-    with pytest.raises(sources.RowError):
+    with pytest.raises(loaders.RowError):
         split_embedded_choices("No choices here.")
 
 

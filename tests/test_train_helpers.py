@@ -69,7 +69,7 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_model(tokenizer, seed: int = 0, hidden: int = 32):
+def tiny_model(tokenizer, seed: int = 0, hidden: int = 32, kv_heads: int = 2):
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -80,7 +80,7 @@ def tiny_model(tokenizer, seed: int = 0, hidden: int = 32):
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=1024,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -93,9 +93,10 @@ def tiny_model(tokenizer, seed: int = 0, hidden: int = 32):
     return model
 
 
-def save_tiny_model(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
+def save_tiny_model(folder: Path, seed: int = 0, hidden: int = 32, kv_heads: int = 2) -> Path:
+    """The tiny chat model every model test uses, with its tokenizer, written to `folder`."""
     tokenizer = tiny_tokenizer()
-    tiny_model(tokenizer, seed, hidden).save_pretrained(folder)
+    tiny_model(tokenizer, seed, hidden, kv_heads).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -139,8 +140,8 @@ FAST_SFT = {
     "learning_rate": 1e-2,
     "num_train_epochs": 1,
     "max_steps": 2,
+    "batch_size": 2,
     "per_device_batch_size": 2,
-    "gradient_accumulation_steps": 1,
     "max_length": {"default": 256},
     "save_steps": 1,
     "logging_steps": 1,
@@ -149,8 +150,8 @@ FAST_GRPO = {
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
     "learning_rate": 1e-2,
     "num_generations": 2,
+    "prompts_per_step": 1,
     "per_device_batch_size": 2,
-    "gradient_accumulation_steps": 1,
     "max_completion_length": 12,
     "max_prompt_length": 256,
     "max_steps": 1,

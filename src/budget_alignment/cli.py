@@ -1,7 +1,11 @@
-"""`budget-align`: one command per pipeline stage, each reading its parameters from params.yaml.
+"""`budget-align`: one command per pipeline stage (`stages.py` names each stage's command, module and params keys),
+and the tools around the pipeline (check-params, compose-params, score-files, budget, plan).
 
-Heavy libraries (torch, transformers, mlflow, great-expectations) are imported inside the commands so that
-`budget-align --help` starts fast.
+Every stage command has one skeleton (`tracked_stage`): params loaded and validated, the stage instance checked, the
+stage's MLflow run opened with the params keys it reads, its libraries imported inside the run (so they load while
+MLflow's helper process starts, and `budget-align --help` stays fast). Every failure a user can act on
+(`errors.StageError`, a write that fails for lack of space or permission) ends the command with one clear message and
+exit status 1, never a traceback (`main`).
 """
 
 from __future__ import annotations
@@ -9,16 +13,55 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+import typer.core
+
+from budget_alignment.errors import StageError
+
+if TYPE_CHECKING:
+    from budget_alignment.params import Params
+    from budget_alignment.tracking import StageRun
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+# A write that fails for lack of space or permission, wherever it happens (an output, a checkpoint, a cache).
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Every command: a failure a user can act on ends with its message and status 1, not a traceback.
+
+    Outputs are written atomically (io.py), so the previous output (or none) is still there, and finished work in
+    caches and checkpoints is kept for the rerun.
+    """
+
+    def invoke(self, ctx):
+        from budget_alignment.io import OutputError
+
+        try:
+            return super().invoke(ctx)
+        except StageError as error:
+            fail(str(error))
+        except OSError as error:
+            if not isinstance(error, OutputError) and error.errno not in WRITE_FAILURES:
+                raise
+            where = f"cannot write {error.filename}: {error.strerror}" if error.filename else error.strerror
+            fail(f"{where or error}. Free space or fix the path, then rerun: finished outputs and caches are kept.")
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="budget-align",
     help="Make reasoning models think and answer in the user's language: the stages of the DVC pipeline.",
     no_args_is_help=True,
@@ -28,6 +71,13 @@ app = typer.Typer(
 
 ParamsFile = Annotated[Path, typer.Option("--params", "-p", help="Parameters file (composed by DVC from conf/).")]
 DEFAULT_PARAMS = Path("params.yaml")
+Dataset = Annotated[str, typer.Argument(help="A dataset name from params (`datasets.<name>`).")]
+Lang = Annotated[str, typer.Argument(help="A target language (one of `languages`).")]
+Regime = Annotated[str, typer.Argument(help="base, sft, grpo_base, grpo_sft or merge.")]
+EvaluatedLang = Annotated[str, typer.Argument(help="The language asked in (one of `languages`, or en).")]
+Languages = Annotated[
+    list[str] | None, typer.Argument(help="Only these languages (default: every language of the stage).")
+]
 
 
 @app.callback()
@@ -39,19 +89,254 @@ def _configure(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="De
     )
 
 
-def fail(message: str) -> None:
-    """Print a clean error (no traceback) and exit 1."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
+# --- the skeleton of every stage command ---------------------------------------------------------------------------
 
 
-def load(params_file: Path):
-    from budget_alignment.params import ParamsError, load_params
+def stage_keys(name: str, params: Params, **instance: str) -> list[str]:
+    """The params keys a stage instance reads (stages.py), with the tiny base's prior dataset filled in."""
+    from budget_alignment.stages import STAGES
 
-    try:
-        return load_params(params_file)
-    except ParamsError as error:
-        fail(str(error))
+    prior = params.base_model.reasoning_prior
+    keys = STAGES[name].keys(**instance, prior=prior.dataset if prior else "{prior}")
+    return [key for key in keys if "{prior}" not in key]
+
+
+def instance_name(name: str, **instance: str) -> str:
+    """`grpo` with init sft and lang ja -> `grpo@sft-ja` (DVC's name for the instance, unless DVC says otherwise)."""
+    return f"{name}@{'-'.join(instance.values())}" if instance else name
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise StageError(message)
+
+
+def require_dataset(params: Params, dataset: str) -> None:
+    require(
+        dataset in params.datasets, f"dataset {dataset!r} is not in params (datasets: {', '.join(params.datasets)})"
+    )
+
+
+def require_language(params: Params, lang: str) -> None:
+    require(lang in params.languages, f"{lang!r} is not one of languages ({', '.join(params.languages)})")
+
+
+def require_evaluated(params: Params, regime: str, lang: str) -> None:
+    require(
+        (regime, lang) in params.evaluated_pairs(),
+        f"{regime}-{lang} is not evaluated with these params (evaluation.regimes, languages)",
+    )
+
+
+@contextmanager
+def tracked_stage(name: str, params: Params, **instance: str) -> Iterator[StageRun]:
+    """The stage's MLflow run, with the params keys it reads and its budget figures."""
+    from budget_alignment import tracking
+
+    with tracking.stage_run(instance_name(name, **instance), params, stage_keys(name, params, **instance)) as run:
+        yield run
+
+
+def load(params_file: Path) -> Params:
+    from budget_alignment.params import load_params
+
+    return load_params(params_file)
+
+
+# --- the stages ----------------------------------------------------------------------------------------------------
+
+
+@app.command("base-model")
+def base_model(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage base_model: the base model as a safetensors folder under data/models/base/."""
+    params = load(params_file)
+    with tracked_stage("base_model", params) as run:
+        from budget_alignment import paths
+        from budget_alignment.train.base_model import materialize_base_model
+
+        materialize_base_model(params, paths.base_model_dir(), run)
+
+
+@app.command("ingest")
+def ingest(dataset: Dataset, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage ingest@DATASET: the English records from the dataset's source into data/ingested/."""
+    params = load(params_file)
+    require_dataset(params, dataset)
+    with tracked_stage("ingest", params, dataset=dataset) as run:
+        from budget_alignment.data.ingest import ingest_dataset
+
+        ingest_dataset(params, dataset, run)
+
+
+@app.command("translate")
+def translate(dataset: Dataset, langs: Languages = None, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage translate@DATASET: the human or machine translation into each language, into data/translated/DATASET/."""
+    from budget_alignment.data.translation_backends import check_api_keys
+
+    params = load(params_file)
+    require_dataset(params, dataset)
+    for lang in langs or []:
+        entries = params.datasets[dataset].translation
+        require(lang in entries, f"datasets.{dataset}.translation has no entry for {lang!r}")
+    check_api_keys(params, dataset, langs)  # before any work: a missing key costs nothing
+    with tracked_stage("translate", params, dataset=dataset) as run:
+        from budget_alignment.data.translate import translate_dataset
+
+        translate_dataset(params, dataset, run, langs=langs)
+
+
+@app.command("normalize")
+def normalize(dataset: Dataset, langs: Languages = None, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage normalize@DATASET: cleaning and the per-language normalization rules, into data/normalized/DATASET/."""
+    params = load(params_file)
+    require_dataset(params, dataset)
+    for lang in langs or []:
+        require(lang in params.normalize, f"normalize has no entry for {lang!r} ({', '.join(params.normalize)})")
+    with tracked_stage("normalize", params, dataset=dataset) as run:
+        from budget_alignment.data.normalize import normalize_dataset
+
+        normalize_dataset(params, dataset, run, langs=langs)
+
+
+def run_training(
+    name: str,
+    params: Params,
+    argv: list[str],
+    params_file: Path,
+    *,
+    train,
+    batch_key: str,
+    model: str,
+    full: bool,
+    **ids,
+) -> None:
+    """A training stage: one process, or re-launched on several under `accelerate launch` (train/launch.py).
+
+    `train(run)` trains and returns its metrics; `batch_key` names the global batch's param; `model` is the model
+    written; `full`: a full fine-tune (a sharded launch config on GPUs); `ids` the stage instance (`lang`, `init`).
+    """
+    from budget_alignment import paths
+    from budget_alignment.train.launch import run_stage
+
+    stage = instance_name(name, **ids)
+    run_stage(
+        stage,
+        params,
+        stage_keys(name, params, **ids),
+        [*argv, "--params", str(params_file)],
+        [paths.model_dir(model), paths.training_metrics_file(stage)],
+        train,
+        batch_key=batch_key,
+        full_finetune=full,
+    )
+
+
+@app.command("sft")
+def sft(lang: Lang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage sft@LANG: fine-tune the base on the reasoning chains of LANG; writes data/models/sft/LANG/."""
+    from budget_alignment.train import sft as training
+
+    params = load(params_file)
+    require_language(params, lang)
+    train = lambda run: training.train_sft(params, lang, run)  # noqa: E731
+    full = not params.sft.use_lora
+    run_training(
+        "sft",
+        params,
+        ["sft", lang],
+        params_file,
+        train=train,
+        batch_key=training.BATCH_KEY,
+        model=f"sft-{lang}",
+        full=full,
+        lang=lang,
+    )
+
+
+@app.command("grpo")
+def grpo(
+    init: Annotated[str, typer.Argument(help="Where the policy starts: base or sft.")],
+    lang: Lang,
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage grpo@INIT-LANG: GRPO on the math problems of LANG from the base or the SFT model of LANG."""
+    from budget_alignment.train import grpo as training
+
+    params = load(params_file)
+    require(init in ("base", "sft"), f"INIT must be base or sft, got {init!r}")
+    require_language(params, lang)
+    train = lambda run: training.train_grpo(params, init, lang, run)  # noqa: E731
+    model = training.model_name(init, lang)
+    run_training(
+        "grpo",
+        params,
+        ["grpo", init, lang],
+        params_file,
+        train=train,
+        batch_key=training.BATCH_KEY,
+        model=model,
+        full=False,
+        init=init,
+        lang=lang,
+    )
+
+
+@app.command("merge")
+def merge(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage merge: mergekit over params.merge.members (Base + the SFT models, linear) into data/models/merge/."""
+    params = load(params_file)
+    with tracked_stage("merge", params) as run:
+        from budget_alignment import paths
+        from budget_alignment.merge import merge_models
+
+        merge_models(params, paths.model_dir("merge"), run)
+
+
+@app.command("problems")
+def problems(lang: EvaluatedLang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage problems@LANG: the evaluation sets of LANG (their first evaluation.limit problems) in data/problems/."""
+    params = load(params_file)
+    require(lang in params.normalize, f"{lang!r} has no entry under `normalize` ({', '.join(params.normalize)})")
+    with tracked_stage("problems", params, lang=lang) as run:
+        from budget_alignment.evaluation.problems import gather_problems
+
+        gather_problems(params, lang, run)
+
+
+@app.command("generate")
+def generate(regime: Regime, lang: EvaluatedLang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage generate@REGIME-LANG: n sampled completions per evaluation problem, into data/generations/."""
+    params = load(params_file)
+    require_evaluated(params, regime, lang)
+    with tracked_stage("generate", params, regime=regime, lang=lang) as run:
+        from budget_alignment import paths
+        from budget_alignment.evaluation.generate import generate_for_regime
+
+        generate_for_regime(params, regime, lang, paths.generations_dir(regime, lang), run)
+
+
+@app.command("score")
+def score(regime: Regime, lang: EvaluatedLang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage score@REGIME-LANG: judge every cached generation of the regime; metrics into reports/scores/."""
+    params = load(params_file)
+    require_evaluated(params, regime, lang)
+    with tracked_stage("score", params, regime=regime, lang=lang) as run:
+        from budget_alignment.evaluation.score import score_generations
+
+        score_generations(params, regime, lang, run)
+
+
+@app.command("report")
+def report(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage report: reports/metrics.json, reports/report.md, the Pareto analysis and the figures."""
+    params = load(params_file)
+    with tracked_stage("report", params) as run:
+        from budget_alignment.report import build_report
+
+        build_report(params, run)
+
+
+# --- tools ---------------------------------------------------------------------------------------------------------
 
 
 @app.command("check-params")
@@ -63,175 +348,37 @@ def check_params(
     typer.echo(f"{params_file}: valid ({params.profile} profile, languages {', '.join(params.languages)})")
 
 
-@app.command("compose-params")
-def compose_params(
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="Hydra overrides, e.g. profile=paper grpo.clip_high=0.24")
-    ] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the composed file.")] = DEFAULT_PARAMS,
-    config_dir: Annotated[Path, typer.Option(help="Hydra config folder.")] = Path("conf"),
-) -> None:
-    """Compose conf/ into params.yaml exactly as `dvc exp run -S ...` does (for a plain `dvc repro`)."""
+Overrides = Annotated[list[str] | None, typer.Argument(help="Hydra overrides, e.g. profile=paper grpo.clip_high=0.24")]
+ConfigDir = Annotated[Path, typer.Option(help="Hydra config folder.")]
+
+
+def compose(output: Path, config_dir: Path, overrides: list[str] | None) -> Params:
+    """conf/ composed into `output` exactly as `dvc exp run -S ...` composes params.yaml, validated."""
     from dvc.utils.hydra import compose_and_dump
 
     from budget_alignment.params import ParamsError, load_params
 
-    if not (config_dir / "config.yaml").is_file():
-        fail(f"{config_dir}/config.yaml not found")
+    require((config_dir / "config.yaml").is_file(), f"{config_dir}/config.yaml not found")
     compose_and_dump(output, str(config_dir.resolve()), None, "config", str(config_dir.resolve()), overrides or [])
     try:
-        params = load_params(output)
+        return load_params(output)
     except ParamsError as error:
-        fail(f"the composed parameters are invalid:\n{error}")
+        raise StageError(f"the composed parameters are invalid:\n{error}") from None
+
+
+@app.command("compose-params")
+def compose_params(
+    overrides: Overrides = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the composed file.")] = DEFAULT_PARAMS,
+    config_dir: ConfigDir = Path("conf"),
+) -> None:
+    """Compose conf/ into params.yaml exactly as `dvc exp run -S ...` does (for a plain `dvc repro`)."""
+    params = compose(output, config_dir, overrides)
     typer.echo(f"wrote {output} ({params.profile} profile)")
 
 
-@app.command("base-model")
-def base_model(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
-    """Stage base_model: write the base model as a safetensors folder under data/models/base/."""
-    from budget_alignment import paths, tracking
-    from budget_alignment.train.models import ModelSourceError, materialize_base_model
-    from budget_alignment.train.trainer_setup import TrainingError
-
-    params = load(params_file)
-    with tracking.stage_run("base_model", params, ["base_model", "compute"]) as run:
-        try:
-            materialize_base_model(params, paths.base_model_dir(), run)
-        except (ModelSourceError, TrainingError) as error:
-            fail(str(error))
-
-
-@app.command("ingest")
-def ingest(
-    dataset: Annotated[str, typer.Argument(help="A dataset name from params (`datasets.<name>`).")],
-    params_file: ParamsFile = DEFAULT_PARAMS,
-) -> None:
-    """Stage ingest@DATASET: load the English records from the dataset's source into data/ingested/."""
-    from budget_alignment import tracking
-
-    params = load(params_file)
-    sections = [f"datasets.{dataset}.source", f"datasets.{dataset}.limit"] if dataset in params.datasets else []
-    with tracking.stage_run(f"ingest@{dataset}", params, sections) as run:
-        # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
-        from budget_alignment.data.contracts import ContractViolation
-        from budget_alignment.data.sources import SourceError, ingest_dataset
-
-        try:
-            ingest_dataset(params, dataset, run)
-        except (SourceError, ContractViolation) as error:
-            fail(str(error))
-
-
-@app.command("translate")
-def translate(
-    dataset: Annotated[str, typer.Argument(help="A dataset name from params (`datasets.<name>`).")],
-    lang: Annotated[str, typer.Argument(help="A target language from params (`languages`).")],
-    params_file: ParamsFile = DEFAULT_PARAMS,
-) -> None:
-    """Stage translate@DATASET-LANG: the human translation, or machine translation, into data/translated/."""
-    from budget_alignment import tracking
-
-    params = load(params_file)
-    if dataset not in params.datasets:
-        fail(f"dataset {dataset!r} is not in params (datasets: {', '.join(params.datasets)})")
-    if lang not in params.datasets[dataset].translation:
-        fail(f"datasets.{dataset}.translation has no entry for {lang!r}")
-    with tracking.stage_run(f"translate@{dataset}-{lang}", params, [f"datasets.{dataset}.translation.{lang}"]) as run:
-        # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
-        from budget_alignment.data.contracts import ContractViolation
-        from budget_alignment.data.sources import SourceError
-        from budget_alignment.data.translate import TranslationError, translate_dataset
-
-        try:
-            translate_dataset(params, dataset, lang, run)
-        except (TranslationError, SourceError, ContractViolation) as error:
-            fail(str(error))
-
-
-@app.command("normalize")
-def normalize(
-    dataset: Annotated[str, typer.Argument(help="A dataset name from params (`datasets.<name>`).")],
-    lang: Annotated[str, typer.Argument(help="A language with an entry under `normalize` (English included).")],
-    params_file: ParamsFile = DEFAULT_PARAMS,
-) -> None:
-    """Stage normalize@DATASET-LANG: the per-language normalization rules, into data/normalized/."""
-    from budget_alignment import tracking
-
-    params = load(params_file)
-    if lang not in params.normalize:
-        fail(f"normalize has no entry for {lang!r} (languages: {', '.join(params.normalize)})")
-    with tracking.stage_run(f"normalize@{dataset}-{lang}", params, [f"normalize.{lang}"]) as run:
-        # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
-        from budget_alignment.data.contracts import ContractViolation
-        from budget_alignment.data.normalize import NormalizeError, normalize_dataset
-
-        try:
-            normalize_dataset(params, dataset, lang, run)
-        except (NormalizeError, ContractViolation) as error:
-            fail(str(error))
-
-
-@app.command("sft")
-def sft(
-    lang: Annotated[str, typer.Argument(help="Target language (one of `languages`).")],
-    params_file: ParamsFile = DEFAULT_PARAMS,
-) -> None:
-    """Stage sft@LANG: fine-tune the base on the reasoning chains of LANG; writes data/models/sft/LANG/."""
-    from budget_alignment import paths
-    from budget_alignment.train import sft as training
-    from budget_alignment.train.trainer_setup import TrainingError, metrics_file, run_stage
-
-    params = load(params_file)
-    if lang not in params.languages:
-        fail(f"{lang!r} is not one of languages ({', '.join(params.languages)})")
-    stage = training.stage_name(lang)
-    outputs = [paths.model_dir(f"sft-{lang}"), metrics_file(stage)]
-    try:
-        run_stage(
-            stage,
-            params,
-            training.SECTIONS,
-            ["sft", lang, "--params", str(params_file)],
-            outputs,
-            lambda run: training.train_sft(params, lang, run),
-        )
-    except TrainingError as error:
-        fail(str(error))
-
-
-@app.command("grpo")
-def grpo(
-    init: Annotated[str, typer.Argument(help="Where the policy starts: base or sft.")],
-    lang: Annotated[str, typer.Argument(help="Target language (one of `languages`).")],
-    params_file: ParamsFile = DEFAULT_PARAMS,
-) -> None:
-    """Stage grpo@INIT-LANG: GRPO on the math problems of LANG from the base or the SFT model of LANG."""
-    from budget_alignment import paths
-    from budget_alignment.train import grpo as training
-    from budget_alignment.train.trainer_setup import TrainingError, metrics_file, run_stage
-
-    params = load(params_file)
-    if init not in ("base", "sft"):
-        fail(f"INIT must be base or sft, got {init!r}")
-    if lang not in params.languages:
-        fail(f"{lang!r} is not one of languages ({', '.join(params.languages)})")
-    stage = training.stage_name(init, lang)
-    outputs = [paths.model_dir(training.model_name(init, lang)), metrics_file(stage)]
-    try:
-        run_stage(
-            stage,
-            params,
-            training.SECTIONS,
-            ["grpo", init, lang, "--params", str(params_file)],
-            outputs,
-            lambda run: training.train_grpo(params, init, lang, run),
-        )
-    except TrainingError as error:
-        fail(str(error))
-
-
-@app.command("score")
-def score(
+@app.command("score-files")
+def score_files(
     problems: Annotated[Path, typer.Argument(help="Problem records (jsonl) the completions answer.")],
     completions: Annotated[Path, typer.Argument(help="Completion records (jsonl) of one model and language.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the Score records (jsonl).")],
@@ -240,133 +387,52 @@ def score(
     ] = None,
     params_file: ParamsFile = DEFAULT_PARAMS,
 ) -> None:
-    """Stage score: judge each completion (answer, language, format); pass@k and following rates per dataset."""
-    from budget_alignment import tracking
-    from budget_alignment.io import OutputError
-    from budget_alignment.records import RecordError
+    """Score any pair of record files outside the pipeline: Score records and their metrics beside OUT.
+
+    It writes nothing into the pipeline's folders and opens no MLflow run, so it never changes an experiment.
+    """
+    from budget_alignment.evaluation.score import score_paths
 
     params = load(params_file)
-    with tracking.stage_run("score", params, ["scoring", "evaluation.k"]) as run:
-        # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
-        from budget_alignment.evaluation.score import ScoringError, score_files
-
-        try:
-            results = score_files(problems, completions, out, params, metrics)
-        except (RecordError, ScoringError, OutputError, FileNotFoundError) as error:
-            fail(str(error))
-        run.add_output(out)
-        run.log_metrics(tracking.flatten(results))
+    score_paths(problems, completions, out, params.scoring, params.evaluation.k, metrics)
 
 
-@app.command("merge")
-def merge(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
-    """Stage merge: mergekit over params.merge.members (Base + the SFT models, linear) into data/models/merge/."""
-    from budget_alignment import paths, tracking
-    from budget_alignment.merge import MergeError, merge_models
+@app.command("budget")
+def budget() -> None:
+    """What the last runs cost, per stage and per regime, into reports/budget.md (from reports/budget/*.json)."""
+    from budget_alignment.budget import write_budget_report
 
-    params = load(params_file)
-    with tracking.stage_run("merge", params, ["merge", "seed"]) as run:
-        try:
-            merge_models(params, paths.model_dir("merge"), run)
-        except MergeError as error:
-            fail(str(error))
+    typer.echo(f"wrote {write_budget_report()}")
 
 
-@app.command("generate")
-def generate(
-    regime: Annotated[str, typer.Argument(help="base, sft, grpo_base, grpo_sft or merge.")],
-    lang: Annotated[str, typer.Argument(help="The language asked in (one of `languages`, or en for the reference).")],
+@app.command("plan")
+def plan(
+    overrides: Overrides = None,
     params_file: ParamsFile = DEFAULT_PARAMS,
+    config_dir: ConfigDir = Path("conf"),
 ) -> None:
-    """Stage generate@REGIME-LANG: n sampled completions per evaluation problem, into data/generations/."""
-    from budget_alignment import tracking
-    from budget_alignment.evaluation.generate import (
-        PARAM_KEYS,
-        GenerationError,
-        generate_for_regime,
-        generation_dir,
-    )
-    from budget_alignment.records import RecordError
+    """The run's work, disk and time before it starts, for params.yaml or conf/ composed with OVERRIDES.
 
-    params = load(params_file)
-    if (regime, lang) not in evaluated_pairs(params):
-        fail(f"{regime}-{lang} is not evaluated with these params (evaluation.regimes, languages)")
-    with tracking.stage_run(f"generate@{regime}-{lang}", params, PARAM_KEYS) as run:
-        try:
-            generate_for_regime(params, regime, lang, generation_dir(regime, lang), run)
-        except (GenerationError, RecordError, FileNotFoundError) as error:
-            fail(str(error))
+    Fails (status 1) when the repository's file system cannot hold what the run will write.
+    """
+    import tempfile
 
+    from budget_alignment import paths
+    from budget_alignment.plan import check_disk, make_plan, plan_table
 
-@app.command("score-generations")
-def score_generations(
-    regime: Annotated[str, typer.Argument(help="base, sft, grpo_base, grpo_sft or merge.")],
-    lang: Annotated[str, typer.Argument(help="The language asked in (one of `languages`, or en for the reference).")],
-    params_file: ParamsFile = DEFAULT_PARAMS,
-) -> None:
-    """Stage score@REGIME-LANG: `score` on every cached generation of the regime, into reports/scores/."""
-    from budget_alignment import tracking
-    from budget_alignment.records import RecordError
-
-    params = load(params_file)
-    if (regime, lang) not in evaluated_pairs(params):
-        fail(f"{regime}-{lang} is not evaluated with these params (evaluation.regimes, languages)")
-    with tracking.stage_run(f"score@{regime}-{lang}", params, ["scoring", "evaluation.k"]) as run:
-        # Imported inside the run, so that they load while MLflow's helper process starts (tracking.py).
-        from budget_alignment.evaluation.score import ScoringError
-        from budget_alignment.evaluation.score import score_generations as score_all
-
-        try:
-            score_all(params, regime, lang, run)
-        except (RecordError, ScoringError, FileNotFoundError) as error:
-            fail(str(error))
-
-
-@app.command("report")
-def report(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
-    """Stage report: reports/metrics.json, reports/report.md, the Pareto analysis and the figures."""
-    from budget_alignment import tracking
-    from budget_alignment.report import ReportError, build_report
-
-    params = load(params_file)
-    sections = ["report", "languages", *(f"evaluation.{k}" for k in ("datasets", "regimes", "english_reference", "k"))]
-    with tracking.stage_run("report", params, sections) as run:
-        try:
-            build_report(params, run)
-        except ReportError as error:
-            fail(str(error))
-
-
-def evaluated_pairs(params) -> list[tuple[str, str]]:
-    from budget_alignment.report import evaluated_pairs as pairs
-
-    return pairs(params)
-
-
-# A write that fails for lack of space or permission, wherever it happens (an output, a checkpoint, a cache).
-WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+    if overrides:
+        with tempfile.TemporaryDirectory() as folder:
+            params = compose(Path(folder) / "params.yaml", config_dir, overrides)
+    else:
+        params = load(params_file)
+    result = make_plan(params)
+    typer.echo(plan_table(result))
+    check_disk(result, paths.repo_root())
 
 
 def main() -> None:
-    """The console script: a full disk or an unwritable path ends a stage with one clear line, not a traceback.
-
-    Outputs are written atomically (io.py), so the previous output (or none) is still there, and finished work in
-    caches and checkpoints is kept for the rerun.
-    """
-    from budget_alignment.io import OutputError
-
-    try:
-        app()
-    except OSError as error:
-        if not isinstance(error, OutputError) and error.errno not in WRITE_FAILURES:
-            raise
-        where = f"cannot write {error.filename}: {error.strerror}" if error.filename else error.strerror
-        typer.secho(
-            f"error: {where or error}. Free space or fix the path, then rerun: finished outputs and caches are kept.",
-            fg=typer.colors.RED,
-            err=True,
-        )
-        sys.exit(1)
+    """The console script (`budget-align`)."""
+    app()
 
 
 if __name__ == "__main__":

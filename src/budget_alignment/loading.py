@@ -5,25 +5,107 @@
 - **Remote code per named model.** A hub model's own Python (`modeling_*.py`) runs only for a model named in the
   top-level `trust_remote_code` list of params. The pipeline's own models (SFT, GRPO, merge) are the base model's
   architecture, so they share the base model's entry.
+- **Adapters on their true parent.** A LoRA adapter folder records the model it was trained on
+  (`base_model_name_or_path` in `adapter_config.json`, a path inside the pipeline's models folder): the base for a
+  LoRA SFT or a GRPO from the base, the full SFT model for a GRPO on a fully fine-tuned SFT model. Everything that
+  loads an adapter loads it on that parent.
 """
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from budget_alignment import paths
+from budget_alignment.errors import StageError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from budget_alignment.params import Params
+    from budget_alignment.params import ComputeParams, Params
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
-class UnsafeModelError(RuntimeError):
+class UnsafeModelError(StageError, RuntimeError):
     """A model folder holds only pickle weights, which this project never loads."""
+
+
+class ModelFolderError(StageError, RuntimeError):
+    """A model folder is missing, or an adapter's parent model is not where the adapter says."""
+
+
+class DeviceError(StageError, RuntimeError):
+    """The params ask for a device this machine does not have."""
+
+
+# --- model folders --------------------------------------------------------------------------------------------------
+
+
+def is_adapter(folder: str | Path) -> bool:
+    """A PEFT LoRA adapter folder (applied on its parent model), as opposed to a whole model folder."""
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def require_model(folder: str | Path, what: str) -> Path:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() and not is_adapter(folder):
+        raise ModelFolderError(f"{what}: no model at {folder} (run its stage first)")
+    return folder
+
+
+def adapter_parent(folder: str | Path) -> Path:
+    """The whole model an adapter was trained on: relative to the repository, inside the models folder, present."""
+    config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    recorded = config.get("base_model_name_or_path") or ""
+    parent = Path(recorded)
+    models = paths.models_dir().parts
+    if parent.is_absolute() or parent.parts[: len(models)] != models or len(parent.parts) == len(models):
+        raise ModelFolderError(
+            f"{folder}: the adapter's parent model {recorded!r} is not a folder of the pipeline's models "
+            f"({paths.models_dir()}/...); an adapter written by a training stage records one"
+        )
+    if not (parent / "config.json").is_file():
+        raise ModelFolderError(f"{folder}: the adapter's parent model {parent} is missing (run its stage first)")
+    return parent
+
+
+def record_adapter_parent(folder: str | Path, parent: str | Path) -> None:
+    """Write the parent model (a path relative to the repository) into an adapter folder.
+
+    The file is written in a stable form: PEFT lists `target_modules` from a set, in an order that changes from one
+    process to the next, which would make the same adapter a different output.
+    """
+    config_file = Path(folder) / ADAPTER_CONFIG
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = Path(parent).as_posix()
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def weights_folder(folder: str | Path) -> Path:
+    """The whole model under a folder: the folder itself, or the parent an adapter applies to."""
+    return adapter_parent(folder) if is_adapter(folder) else Path(folder)
+
+
+# --- devices ---------------------------------------------------------------------------------------------------------
+
+
+def gpu_available(compute: ComputeParams) -> bool:
+    """Whether to run on a CUDA GPU: never for `device: cpu`, an error for `device: cuda` without one."""
+    if compute.device == "cpu":
+        return False
+    import torch
+
+    available = torch.cuda.is_available()
+    if compute.device == "cuda" and not available:
+        raise DeviceError("compute.device is cuda, but no CUDA GPU is visible")
+    return available
 
 
 def require_safetensors(folder: str | Path) -> None:
@@ -34,7 +116,7 @@ def require_safetensors(folder: str | Path) -> None:
     if not Path(folder).is_dir():
         return
     files = sorted(p.name for p in Path(folder).iterdir() if p.is_file())
-    adapter = "adapter_config.json" in files
+    adapter = ADAPTER_CONFIG in files
     if (ADAPTER_WEIGHTS in files) if adapter else any(name.endswith(".safetensors") for name in files):
         return
     pickles = [name for name in files if Path(name).suffix in PICKLE_SUFFIXES]
@@ -73,9 +155,8 @@ def _grouped_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
     """transformers' "sdpa", except that grouped KV heads go to the kernel as they are (`enable_gqa`) under a mask.
 
     With a padding mask transformers copies every KV head to each of its query heads (`repeat_kv`) before the
-    kernel, because CUDA's fused kernels cannot take both; the CPU kernel can. Those copies were most of a CPU
-    decoding step: 1.1 s against 0.7 s for 64 sequences of SmolLM2 (3 KV heads for 9 query heads), with identical
-    outputs (benchmarks/generation.py).
+    kernel, because CUDA's fused kernels cannot take both; the CPU kernel can, and the copies were most of a CPU
+    decoding step, with identical outputs (benchmarks/generation.py; figures in benchmarks/RESULTS.md).
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -117,3 +198,32 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False, **options: 
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **options)
+
+
+def load_model(folder: str | Path, params: Params, *, trainable: bool = False) -> PreTrainedModel:
+    """A pipeline model folder, or an adapter folder on top of its parent, in the params' dtype and device kind.
+
+    `trainable` leaves an adapter's weights trainable (GRPO from a LoRA SFT model continues the SFT adapter).
+    """
+    import torch
+
+    folder = require_model(folder, "model")
+    if is_adapter(folder):
+        return load_adapter(load_model(adapter_parent(folder), params), folder, trainable=trainable)
+    return load_causal_lm(
+        folder,
+        getattr(torch, params.base_model.dtype),
+        trust_remote_code=trusts_remote_code(params),
+        on_cpu=not gpu_available(params.compute),
+    )
+
+
+def load_model_tokenizer(folder: str | Path, params: Params, **options: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer of a pipeline model (an adapter folder carries its own), with a padding token."""
+    folder = Path(folder)
+    if not (folder / "tokenizer_config.json").is_file() and is_adapter(folder):
+        folder = adapter_parent(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trusts_remote_code(params), **options)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,8 +1,8 @@
 """The `merge` stage: mergekit over the pipeline's models (RQ5: Base + the three SFT models, linear, equal weights).
 
 Members are model names (`base`, `sft-ja`, `grpo_sft-fr`); a member stored as a LoRA adapter is applied to the
-base with mergekit's `base+adapter` syntax. Method, members, weights and method parameters come from params,
-so TIES, DARE or SLERP are one params change.
+parent model it records with mergekit's `parent+adapter` syntax. Method, members, weights and method parameters
+come from params (what each method needs is `params.MERGE_METHODS`), so TIES, DARE or SLERP are one params change.
 """
 
 from __future__ import annotations
@@ -14,35 +14,33 @@ from typing import Any
 import yaml
 
 from budget_alignment import loading, paths
+from budget_alignment.errors import StageError
 from budget_alignment.io import atomic_directory
-from budget_alignment.params import Params
+from budget_alignment.params import MERGE_METHODS, Params
 from budget_alignment.tracking import StageRun
 
 log = logging.getLogger(__name__)
 
-# Methods that merge task vectors relative to a base model: the first member is that base.
-METHODS_WITH_BASE = {"ties", "dare_ties", "dare_linear", "task_arithmetic", "slerp"}
 CONFIG_FILE = "merge_config.yaml"
 
 
-class MergeError(RuntimeError):
+class MergeError(StageError, RuntimeError):
     """A member is missing or mergekit refused the configuration."""
 
 
-def is_adapter(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file()
-
-
 def member_reference(name: str) -> str:
-    """What mergekit loads for a member: a model folder, or `base+adapter` for a LoRA adapter."""
+    """What mergekit loads for a member: a model folder, or `parent+adapter` for a LoRA adapter."""
     folder = paths.model_dir(name)
-    if not folder.is_dir():
-        raise MergeError(f"merge.members: {name!r} has no model at {folder} (run its stage first)")
     try:
+        loading.require_model(folder, f"merge.members: {name!r}")
         loading.require_safetensors(folder)
+        if loading.is_adapter(folder):
+            return f"{loading.weights_folder(folder)}+{folder}"
+    except loading.ModelFolderError as error:
+        raise MergeError(str(error)) from None
     except loading.UnsafeModelError as error:
         raise MergeError(f"merge.members: {name!r}: {error}") from None
-    return f"{paths.base_model_dir()}+{folder}" if is_adapter(folder) else str(folder)
+    return str(folder)
 
 
 def merge_configuration(params: Params) -> dict[str, Any]:
@@ -57,10 +55,11 @@ def merge_configuration(params: Params) -> dict[str, Any]:
         "parameters": ({} if settings.method == "slerp" else {"normalize": settings.normalize}) | settings.parameters,
     }
     members = list(zip(references, weights, strict=True))
-    if settings.method in METHODS_WITH_BASE:
+    method = MERGE_METHODS[settings.method]
+    if method.has_base_model:
         config["base_model"] = references[0]
-        if settings.method != "slerp":
-            members = members[1:]  # the base contributes as the reference, not as a task vector
+    if method.task_vectors:
+        members = members[1:]  # the base contributes as the reference, not as a task vector
     config["models"] = [{"model": ref, "parameters": {"weight": weight}} for ref, weight in members]
     if settings.method == "slerp":
         config["models"] = [{"model": ref} for ref, _ in members]
@@ -76,7 +75,7 @@ def merge_models(params: Params, out: Path, run: StageRun | None = None) -> dict
     log.info("merging %s with %s", ", ".join(params.merge.members), params.merge.method)
     options = MergeOptions(
         copy_tokenizer=True,
-        lora_merge_cache=str(paths.cache_dir() / "lora_merge"),
+        lora_merge_cache=str(paths.lora_merge_cache()),
         trust_remote_code=loading.trusts_remote_code(params),
         random_seed=params.seed,
         safe_serialization=True,

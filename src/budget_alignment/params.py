@@ -6,6 +6,7 @@ Every stage calls `load_params()`; `budget-align check-params` prints each error
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from budget_alignment import paths
+from budget_alignment.errors import StageError
 from budget_alignment.languages import supported_languages
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -31,10 +33,19 @@ class Section(BaseModel):
 
 class ComputeParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_processes: PositiveInt = 1
-    # Used by `accelerate launch` when num_processes > 1 (DDP, FSDP or DeepSpeed ZeRO-3 under conf/accelerate/).
-    accelerate_config: str = "conf/accelerate/ddp.yaml"
+    # Processes a training stage runs on (one per GPU); `auto`: every visible GPU (one process without a GPU). The
+    # recipe's global batches are params of their own, so more processes never change the recipe.
+    num_processes: PositiveInt | Literal["auto"] = 1
+    # The `accelerate launch` config when a stage runs on several processes. `auto`: data parallel
+    # (conf/accelerate/ddp.yaml) for LoRA and on the CPU; `sharding` for a full fine-tune on GPUs.
+    accelerate_config: str = "auto"
+    # How a full fine-tune is sharded over GPUs: FSDP (conf/accelerate/fsdp.yaml) or DeepSpeed ZeRO-3
+    # (conf/accelerate/zero3.yaml, needs the `deepspeed` extra).
+    sharding: Literal["fsdp", "zero3"] = "fsdp"
     torch_threads: int | None = Field(default=None, gt=0)
+    # Generation engines side by side, each on its own `evaluation.tensor_parallel_size` GPUs; `auto`: as many as
+    # the visible GPUs hold (vLLM), one otherwise. The completions do not depend on it (batches are fixed by params).
+    generation_replicas: PositiveInt | Literal["auto"] = "auto"
 
 
 # --- base model ----------------------------------------------------------------------------------------------------
@@ -71,8 +82,10 @@ class TrainingParams(Section):
     learning_rate: Annotated[float, Field(gt=0)] = 1e-5
     num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: int = Field(default=-1, ge=-1, description="-1: train for num_train_epochs")
+    # Examples per optimizer step over all processes: the recipe's figure. Each process takes batch_size /
+    # num_processes of them, at most `per_device_batch_size` at once; gradient accumulation makes up the rest.
+    batch_size: PositiveInt = 1
     per_device_batch_size: PositiveInt = 1
-    gradient_accumulation_steps: PositiveInt = 1
     # Per language, because a tokenizer can make one language twice as long as another.
     max_length: dict[str, PositiveInt] = {"default": 1024}
     # A share of the training steps (below 1: TrainingArguments reads a warmup of 1 or more as a step count).
@@ -172,20 +185,27 @@ class MachineTranslationParams(Section):
     backend: Literal["openai", "vllm", "transformers"] = "openai"
     # A served model name (openai), or a hub id or local folder (vllm, transformers).
     model: str = ""
+    # The commit of a hub id (vllm, transformers): pins the translator's weights; part of the cache key.
+    revision: str | None = None
     base_url: str | None = None
-    # Name of the environment variable holding the key; the key itself never enters params, logs or the cache.
-    api_key_env: str = "OPENAI_API_KEY"
+    # Name of the environment variable holding the key (openai); null: a server that takes no key (a local
+    # `vllm serve`). The key itself never enters params, logs, caches or outputs.
+    api_key_env: str | None = "OPENAI_API_KEY"
     temperature: Annotated[float, Field(ge=0)] = 0.0
-    # HTTP: attempts after a 429, a 5xx or a timeout, waiting backoff_s, then twice as long each time (at most 60 s).
+    # Attempts after the first (a reply that broke its protected spans; a record that failed a row check of the
+    # translate contract) ask again at this temperature with a new seed each: greedy decoding would repeat itself.
+    retry_temperature: Annotated[float, Field(gt=0)] = 0.7
+    # HTTP (openai): the SDK's own retries after a 408/409/429, a 5xx, a timeout or a lost connection.
     max_retries: Annotated[int, Field(ge=0)] = 5
-    backoff_s: Annotated[float, Field(ge=0)] = 1.0
     timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    # HTTP requests in flight at once; each reply is cached as it comes.
     concurrency: PositiveInt = 4
     # Part of the cache key: a new prompt version translates everything again.
     prompt_version: str = "v1"
     # Reasoning chains are split at paragraph boundaries into chunks of at most this many characters.
     max_chars_per_chunk: PositiveInt = 4000
-    # Asking again for a chunk whose reply lost or altered a protected span (math, numbers, code, ...).
+    # Attempts after the first for a chunk whose reply broke its protected spans (math, numbers, code, ...) and for
+    # the chunks of a record that failed the row checks; what still fails is quarantined.
     validation_retries: Annotated[int, Field(ge=0)] = 2
     # Local backends (vllm, transformers).
     max_new_tokens: PositiveInt = 4096
@@ -234,6 +254,18 @@ class NormalizeLangParams(Section):
     consistent_units: bool = False
     spanish_math_notation: bool = False
     decimal_comma: bool = False
+
+
+class MaxRejectedFractions(Section):
+    """Per kind of data stage: the share of its records a contract may reject (quarantine) before the stage fails."""
+
+    ingest: Probability = 0.0
+    translate: Probability = 0.0
+    normalize: Probability = 0.0
+
+
+class ContractsParams(Section):
+    max_rejected_fraction: MaxRejectedFractions = MaxRejectedFractions()
 
 
 def data_section_errors(params: Params) -> list[str]:
@@ -346,8 +378,10 @@ class GrpoParams(Section):
     max_prompt_length: PositiveInt = 1024
     max_completion_length: PositiveInt = 4096
     mask_truncated_completions: bool = True
+    # Prompts per optimizer step, each sampled `num_generations` times (the recipe's figures; the paper: one prompt's
+    # 24 rollouts). Each process takes its share of the completions, at most `per_device_batch_size` at once.
+    prompts_per_step: PositiveInt = 1
     per_device_batch_size: PositiveInt = 24
-    gradient_accumulation_steps: PositiveInt = 1
     num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: int = Field(default=-1, ge=-1)
     save_steps: PositiveInt = 50
@@ -369,8 +403,36 @@ class SftParams(TrainingParams):
     dataset: str = "chains"
 
 
+@dataclass(frozen=True)
+class MergeMethod:
+    """What a mergekit method needs of `merge.members` (the one place that says so; merge.py builds on it).
+
+    `task_vectors`: the members are merged as differences from a base model, which is the first member and must be
+    the pipeline's `base` (its own weight is unused). `members`: an exact member count (SLERP interpolates two
+    models; the first is its t=0 end and mergekit's `base_model`). `parameters`: keys the method cannot do without.
+    """
+
+    task_vectors: bool = False
+    members: int | None = None
+    parameters: tuple[str, ...] = ()
+
+    @property
+    def has_base_model(self) -> bool:
+        return self.task_vectors or self.members == 2
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {
+    "linear": MergeMethod(),
+    "task_arithmetic": MergeMethod(task_vectors=True),
+    "ties": MergeMethod(task_vectors=True),
+    "dare_ties": MergeMethod(task_vectors=True),
+    "dare_linear": MergeMethod(task_vectors=True),
+    "slerp": MergeMethod(members=2, parameters=("t",)),
+}
+
+
 class MergeParams(Section):
-    method: Literal["linear", "ties", "dare_ties", "dare_linear", "slerp", "task_arithmetic"] = "linear"
+    method: Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"] = "linear"
     # Members are model names: `base`, `sft-{lang}`, `grpo_base-{lang}`, `grpo_sft-{lang}`.
     members: list[str] = ["base", "sft-ja", "sft-fr", "sft-es"]
     weights: list[float] | None = None
@@ -385,12 +447,62 @@ class MergeParams(Section):
             raise ValueError(f"weights: {len(self.weights)} weights for {len(self.members)} members")
         if len(set(self.members)) != len(self.members):
             raise ValueError("members: must be distinct")
+        needs = MERGE_METHODS[self.method]
+        if needs.task_vectors and self.members[:1] != ["base"]:
+            raise ValueError(f"members: {self.method} merges differences from the base model: list `base` first")
+        if needs.members is not None and len(self.members) != needs.members:
+            raise ValueError(f"members: {self.method} takes exactly {needs.members} members, got {len(self.members)}")
+        missing = [key for key in needs.parameters if key not in self.parameters]
+        if missing:
+            raise ValueError(f"parameters: {self.method} needs {', '.join(missing)}")
         return self
 
 
 class ReportParams(Section):
     # The accuracy axis of the Pareto analysis and the dominance count.
     accuracy_metric: str = Field(default="pass@1", pattern=r"^pass@\d+$")
+
+
+class ModelShape(Section):
+    """The base model's shape, as its config.json gives it: sizes before the model is downloaded."""
+
+    parameters: PositiveInt
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt
+
+
+class Throughput(Section):
+    """What one device of the machine the profile runs on does per second, and where the figures come from."""
+
+    device: str
+    devices: PositiveInt = 1
+    train_tokens_per_s: Annotated[float, Field(gt=0)]
+    generate_tokens_per_s: Annotated[float, Field(gt=0)]
+    translate_tokens_per_s: Annotated[float, Field(gt=0)]
+    # A stage's process start-up (imports, model load) before its work.
+    stage_start_s: Annotated[float, Field(ge=0)] = 0.0
+    source: str = ""
+
+
+class DatasetSize(Section):
+    """A dataset's records and mean tokens per record, where its data are not at hand before the run."""
+
+    records: PositiveInt
+    mean_tokens: PositiveInt
+
+
+class PlanParams(Section):
+    """What `budget-align plan` needs to state a run's cost before it starts (nothing a stage reads)."""
+
+    model: ModelShape
+    throughput: Throughput
+    # Datasets whose records cannot be counted before the run (hub sources); counted exactly once they are ingested.
+    sizes: dict[str, DatasetSize] = {}
+    # Characters per token, to estimate texts not yet tokenized (before the base model exists).
+    chars_per_token: Annotated[float, Field(gt=0)] = 3.5
 
 
 class TrackingParams(Section):
@@ -402,7 +514,7 @@ class TrackingParams(Section):
 
 
 class Params(Section):
-    profile: Literal["tiny", "paper", "micro"]
+    profile: Literal["tiny", "paper", "paper_cpu"]
     seed: int = 1234
     languages: list[LangCode] = Field(min_length=1)
     compute: ComputeParams = ComputeParams()
@@ -410,6 +522,10 @@ class Params(Section):
     datasets: dict[str, DatasetParams]
     translate: MachineTranslationParams = MachineTranslationParams()
     normalize: dict[str, NormalizeLangParams] = {}
+    contracts: ContractsParams = ContractsParams()
+    # A folder of hub dataset snapshots under their repo ids (`huggingface-cli download --repo-type dataset REPO
+    # --local-dir MIRROR/REPO`): `kind: hub` sources are read from it instead of the network.
+    hub_mirror: str | None = None
     prompts: PromptParams = PromptParams()
     scoring: ScoringParams = ScoringParams()
     sft: SftParams = SftParams()
@@ -418,6 +534,7 @@ class Params(Section):
     evaluation: EvaluationParams
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
+    plan: PlanParams | None = None
     # The models whose own Python code (a hub repository's modeling_*.py) may run when loaded; none by default.
     trust_remote_code: list[str] = []
 
@@ -454,25 +571,13 @@ class Params(Section):
         if unknown_norm:
             errors.append(f"normalize: {unknown_norm} not in languages")
         errors.extend(data_section_errors(self))
-        generation_batch = (
-            self.grpo.per_device_batch_size * self.grpo.gradient_accumulation_steps * self.compute.num_processes
-        )
-        if generation_batch % self.grpo.num_generations:
-            errors.append(
-                f"grpo.num_generations: {self.grpo.num_generations} must divide the generation batch "
-                f"(per_device_batch_size x gradient_accumulation_steps x compute.num_processes = {generation_batch})"
-            )
+        if isinstance(self.compute.num_processes, int):
+            errors.extend(split_errors(self, self.compute.num_processes))
         for member in self.merge.members:
             if member not in self.model_names():
                 errors.append(
                     f"merge.members: {member!r} is not a model of this pipeline ({', '.join(self.model_names())})"
                 )
-        if (
-            self.merge.members
-            and self.merge.members[0] != "base"
-            and self.merge.method in ("ties", "dare_ties", "task_arithmetic")
-        ):
-            errors.append(f"merge.members: {self.merge.method} needs `base` first (it is the base model)")
         if int(self.report.accuracy_metric.removeprefix("pass@")) not in self.evaluation.k:
             errors.append(f"report.accuracy_metric: {self.report.accuracy_metric} needs its k in evaluation.k")
         if errors:
@@ -505,11 +610,40 @@ class Params(Section):
         names += [t.model for t in translators if t.model and t.backend != "openai"]
         return list(dict.fromkeys(names))
 
+    def evaluated_pairs(self) -> list[tuple[str, str]]:
+        """Every (regime, lang) the pipeline evaluates, the English reference last."""
+        pairs = [(regime, lang) for regime in self.evaluation.regimes for lang in self.languages]
+        if self.evaluation.english_reference:
+            pairs.append(("base", "en"))
+        return pairs
+
     def datasets_with_role(self, role: str) -> list[str]:
         return [name for name, dataset in self.datasets.items() if dataset.role == role]
 
 
-class ParamsError(ValueError):
+def global_batches(params: Params) -> dict[str, int]:
+    """The recipe's global batches, by the key that sets them: SFT examples, GRPO completions per optimizer step."""
+    batches = {
+        "sft.batch_size": params.sft.batch_size,
+        "grpo.prompts_per_step": params.grpo.prompts_per_step * params.grpo.num_generations,
+    }
+    if params.base_model.reasoning_prior:
+        batches["base_model.reasoning_prior.training.batch_size"] = (
+            params.base_model.reasoning_prior.training.batch_size
+        )
+    return batches
+
+
+def split_errors(params: Params, processes: int, keys: list[str] | None = None) -> list[str]:
+    """Each global batch (of `keys`, default all) the processes cannot share evenly, named with both numbers."""
+    return [
+        f"{key}: {size} per step cannot be split evenly over {processes} processes (compute.num_processes)"
+        for key, size in global_batches(params).items()
+        if size % processes and (keys is None or key in keys)
+    ]
+
+
+class ParamsError(StageError, ValueError):
     """params.yaml is missing, not YAML, or breaks a rule; the message names every broken key."""
 
 

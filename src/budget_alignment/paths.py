@@ -1,14 +1,24 @@
-"""Where each artifact lives, relative to the repository root (`$DVC_ROOT` under DVC)."""
+"""Where each artifact lives, relative to the repository root (`$DVC_ROOT` under DVC): the one place that says so."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+REGIMES_WITH_ONE_MODEL = ("base", "merge")
+
 
 def repo_root() -> Path:
     """The project root: `$DVC_ROOT` when a DVC stage runs (also under `dvc exp run --temp`), else the cwd."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
+
+def cache_dir() -> Path:
+    """Downloads and other reusable work that is not a pipeline output (git-ignored, kept across runs)."""
+    return Path(os.environ.get("BUDGET_ALIGNMENT_CACHE") or repo_root() / ".cache")
+
+
+# --- models --------------------------------------------------------------------------------------------------------
 
 
 def data_dir() -> Path:
@@ -28,7 +38,7 @@ def model_dir(name: str) -> Path:
 
     One folder per regime, so a DVC stage can depend on `data/models/${regime}` for any regime.
     """
-    if name in ("base", "merge"):
+    if name in REGIMES_WITH_ONE_MODEL:
         return models_dir() / name
     regime, _, lang = name.partition("-")
     if regime in ("sft", "grpo_base", "grpo_sft") and lang:
@@ -36,17 +46,22 @@ def model_dir(name: str) -> Path:
     raise ValueError(f"unknown model name {name!r}")
 
 
-def cache_dir() -> Path:
-    """Downloads and other reusable work that is not a pipeline output (git-ignored, kept across runs)."""
-    return Path(os.environ.get("BUDGET_ALIGNMENT_CACHE") or repo_root() / ".cache")
+def model_for(regime: str, lang: str) -> str:
+    """The model a regime uses in a language: `sft` in ja is `sft-ja`; `base` and `merge` serve every language."""
+    return regime if regime in REGIMES_WITH_ONE_MODEL else f"{regime}-{lang}"
 
 
-def reports_dir() -> Path:
-    return Path("reports")
+def checkpoints_dir(stage: str) -> Path:
+    """A training stage's checkpoints (outside its output, which DVC deletes before the stage runs)."""
+    return cache_dir() / "checkpoints" / stage
 
 
-def budget_file(stage: str) -> Path:
-    return reports_dir() / "budget" / f"{stage}.json"
+def lora_merge_cache() -> Path:
+    """Where mergekit applies LoRA adapters to their parent models."""
+    return cache_dir() / "lora_merge"
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
 
 
 def ingested(dataset: str) -> Path:
@@ -63,5 +78,105 @@ def normalized(dataset: str, lang: str) -> Path:
     return data_dir() / "normalized" / dataset / f"{lang}.jsonl"
 
 
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+
+def problems_dir(lang: str) -> Path:
+    """The evaluation problems of a language, one jsonl per evaluation set (what generation and scoring read)."""
+    return data_dir() / "problems" / lang
+
+
+def generations_dir(regime: str, lang: str) -> Path:
+    """n completions per problem, one jsonl per evaluation set."""
+    return data_dir() / "generations" / f"{regime}-{lang}"
+
+
+def generation_work_dir(regime: str, lang: str) -> Path:
+    """Finished problems of an interrupted generate stage, kept for its rerun."""
+    return cache_dir() / "generations" / f"{regime}-{lang}"
+
+
+def scores_dir(regime: str, lang: str) -> Path:
+    """One Score record per completion, one jsonl per evaluation set."""
+    return data_dir() / "scores" / f"{regime}-{lang}"
+
+
+# --- reports -------------------------------------------------------------------------------------------------------
+
+
+def reports_dir() -> Path:
+    return Path("reports")
+
+
+def budget_file(stage: str) -> Path:
+    """A stage's run facts (wall time, memory, tokens): not a pipeline output, read by no stage."""
+    return reports_dir() / "budget" / f"{stage}.json"
+
+
+def training_metrics_file(stage: str) -> Path:
+    """A training stage's DVC metrics: steps, losses, tokens."""
+    return reports_dir() / "train" / f"{stage}.json"
+
+
+def score_metrics_file(regime: str, lang: str) -> Path:
+    """A score stage's metrics per evaluation set (pass@k, following, ...)."""
+    return reports_dir() / "scores" / f"{regime}-{lang}.json"
+
+
+def report_file() -> Path:
+    return reports_dir() / "report.md"
+
+
+def report_metrics_file() -> Path:
+    return reports_dir() / "metrics.json"
+
+
+def figures_dir() -> Path:
+    return reports_dir() / "figures"
+
+
+def plots_dir() -> Path:
+    return reports_dir() / "plots"
+
+
 def data_quality_dir() -> Path:
     return reports_dir() / "data_quality"
+
+
+# --- data quality and translation
+
+
+def data_quality_reports(stage: str) -> Path:
+    """A data stage instance's contract reports, one JSON per language: reports/data_quality/translate@chains/."""
+    return data_quality_dir() / stage
+
+
+def data_quality_report(stage: str, lang: str) -> Path:
+    return data_quality_reports(stage) / f"{lang}.json"
+
+
+def rejected_dir(stage: str) -> Path:
+    """A data stage instance's quarantined records, one jsonl per language: data_quality/rejected/ingest@math/."""
+    return data_quality_dir() / "rejected" / stage
+
+
+def rejected_records(stage: str, lang: str) -> Path:
+    return rejected_dir(stage) / f"{lang}.jsonl"
+
+
+def data_docs_dir() -> Path:
+    """The great-expectations Data Docs site: a view rebuilt by every data stage, not a pipeline output."""
+    return data_quality_dir() / "docs"
+
+
+def translations_dir(dataset: str) -> Path:
+    return data_dir() / "translated" / dataset
+
+
+def normalized_dir(dataset: str) -> Path:
+    return data_dir() / "normalized" / dataset
+
+
+def translation_cache() -> Path:
+    """Machine translations of chunks, reused across runs (not an output: it keeps timestamps)."""
+    return cache_dir() / "translations" / "cache.sqlite"

@@ -76,6 +76,24 @@ def messages(problem: Problem, lang: str | None = None) -> list[dict[str, str]]:
     return [{"role": "user", "content": user_message(problem, lang)}]
 
 
+def without_duplicate_bos(tokenizer: Any, text: str) -> str:
+    """A rendered chat prompt without its leading BOS token when the tokenizer adds one by itself.
+
+    Chat templates such as R1-Distill's write `{{bos_token}}` into the text, and TRL tokenizes text prompts with the
+    special tokens on: every sequence would start with two BOS tokens.
+    """
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return text[len(bos) :]
+    return text
+
+
+def prompt_token_ids(tokenizer: Any, text: str) -> list[int]:
+    """A rendered chat prompt as token ids, exactly as the chat template wrote it: the template writes any BOS token
+    itself, so the tokenizer adds none (else vLLM and `generate` would see two)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def generation_prompt(tokenizer: Any, problem: Problem, settings: PromptParams, lang: str | None = None) -> str:
     """The text a model continues: its chat template's generation prompt, then an opened think block."""
     lang = lang or problem.lang

@@ -6,6 +6,7 @@ reported with its file and line number, and an output is never left half-written
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from budget_alignment.errors import StageError
 from budget_alignment.io import atomic_write
 
 CHOICE_LETTERS = "ABCDEFGHIJ"
@@ -82,8 +84,15 @@ class Score(Record):
     format_ok: bool
 
 
-class RecordError(ValueError):
+class RecordError(StageError, ValueError):
     """A record file that cannot be read: names the file, the line and the field."""
+
+
+class MissingInputError(StageError, FileNotFoundError):
+    """A record file a stage reads does not exist (yet): the stage that writes it has not run."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: no such file (run the stage that writes it first)"
 
 
 R = TypeVar("R", bound=Record)
@@ -91,6 +100,8 @@ R = TypeVar("R", bound=Record)
 
 def iter_records(path: str | Path, model: type[R]) -> Iterator[R]:
     path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(errno.ENOENT, "no such file", str(path))
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():

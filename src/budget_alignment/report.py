@@ -1,5 +1,6 @@
 """The `report` stage: every regime's scores in one flat metrics file, the RQ1-RQ3 deltas, the Pareto analysis,
-the budget, and the figures.
+and the figures. It reads the score files of the stages it lists and nothing else, so it is a pure function of
+them (the run's cost is `budget.py`'s).
 
 Metric keys are `{regime}.{lang}.{dataset}.{metric}` (`sft.ja.college_math.following`); the English reference is
 `base.en.{dataset}.{metric}`. Every count in the report is computed from the scores, never typed.
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from budget_alignment import paths
+from budget_alignment.errors import StageError
 from budget_alignment.io import atomic_write, write_json
 from budget_alignment.params import Params
 from budget_alignment.tracking import StageRun
@@ -44,28 +46,8 @@ DELTAS = [
 ]
 
 
-class ReportError(RuntimeError):
+class ReportError(StageError, RuntimeError):
     """A score file the report needs is missing or unreadable."""
-
-
-def scores_file(regime: str, lang: str) -> Path:
-    return paths.reports_dir() / "scores" / f"{regime}-{lang}.json"
-
-
-def figures_dir() -> Path:
-    return paths.reports_dir() / "figures"
-
-
-def plots_dir() -> Path:
-    return paths.reports_dir() / "plots"
-
-
-def evaluated_pairs(params: Params) -> list[tuple[str, str]]:
-    """Every (regime, lang) the pipeline evaluates, the English reference last."""
-    pairs = [(regime, lang) for regime in params.evaluation.regimes for lang in params.languages]
-    if params.evaluation.english_reference:
-        pairs.append(("base", "en"))
-    return pairs
 
 
 def load_scores(params: Params) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
@@ -75,8 +57,8 @@ def load_scores(params: Params) -> dict[tuple[str, str], dict[str, dict[str, Any
     an error, not a missing bar.
     """
     scores = {}
-    for regime, lang in evaluated_pairs(params):
-        path = scores_file(regime, lang)
+    for regime, lang in params.evaluated_pairs():
+        path = paths.score_metrics_file(regime, lang)
         try:
             scores[(regime, lang)] = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -151,48 +133,6 @@ def pareto_analysis(flat: Mapping[str, float], params: Params) -> tuple[list[dic
                 dominated += row["grpo_sft_dominates_base"]
             rows.append(row)
     return rows, {"grpo_sft_dominates_base": dominated, "pairs": pairs}
-
-
-# --- budget ------------------------------------------------------------------------------------------------------
-
-
-def load_budgets() -> dict[str, dict[str, float]]:
-    folder = paths.reports_dir() / "budget"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
-
-
-def regime_of_stage(stage: str) -> str | None:
-    """Which regime a stage's cost belongs to: `sft@ja` -> sft, `generate@grpo_sft-fr` -> grpo_sft, ..."""
-    name, _, instance = stage.partition("@")
-    if name in ("base_model", "generate_en", "score_en"):  # the English reference line is the Base model's
-        return "base"
-    if name == "merge":
-        return "merge"
-    if name == "sft":
-        return "sft"
-    if name == "grpo":
-        return f"grpo_{instance.split('-')[0]}"
-    if name in ("generate", "score"):
-        return instance.rsplit("-", 1)[0]
-    return None
-
-
-def budget_by_regime(budgets: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    totals: dict[str, dict[str, float]] = {}
-    for stage, figures in budgets.items():
-        regime = regime_of_stage(stage)
-        if regime is None:
-            continue
-        total = totals.setdefault(
-            regime, {"wall_seconds": 0.0, "peak_rss_bytes": 0, "tokens_trained": 0, "tokens_generated": 0}
-        )
-        total["wall_seconds"] += figures.get("wall_seconds", 0.0)
-        total["peak_rss_bytes"] = max(total["peak_rss_bytes"], figures.get("peak_rss_bytes", 0))
-        total["tokens_trained"] += figures.get("tokens_trained", 0)
-        total["tokens_generated"] += figures.get("tokens_generated", 0)
-        if "gpu_seconds" in figures:
-            total["gpu_seconds"] = total.get("gpu_seconds", 0.0) + figures["gpu_seconds"]
-    return totals
 
 
 # --- tables ------------------------------------------------------------------------------------------------------
@@ -270,26 +210,6 @@ def pareto_section(rows: list[dict[str, Any]], counts: Mapping[str, int], params
         f"(dataset, language) pairs** (higher {metric} and higher following)."
     )
     return summary + "\n\n" + markdown_table(["dataset", "lang", "on the frontier", f"({metric}, following) %"], table)
-
-
-def budget_section(budgets: Mapping[str, Mapping[str, float]]) -> str:
-    def row(name: str, figures: Mapping[str, float]) -> list[str]:
-        gpu = figures.get("gpu_seconds")
-        return [
-            name,
-            f"{figures.get('wall_seconds', 0):.1f}",
-            f"{figures.get('peak_rss_bytes', 0) / 2**30:.2f}",
-            f"{int(figures.get('tokens_trained', 0)):,}",
-            f"{int(figures.get('tokens_generated', 0)):,}",
-            "–" if gpu is None else f"{gpu:.1f}",
-        ]
-
-    header = ["", "wall s", "peak GiB", "tokens trained", "tokens generated", "GPU s"]
-    per_stage = markdown_table(["stage", *header[1:]], [row(s, f) for s, f in budgets.items()])
-    per_regime = markdown_table(
-        ["regime", *header[1:]], [row(REGIME_LABELS[r], f) for r, f in budget_by_regime(budgets).items()]
-    )
-    return f"Per regime (its training, generation and scoring stages):\n\n{per_regime}\n\nPer stage:\n\n{per_stage}"
 
 
 # --- figures -----------------------------------------------------------------------------------------------------
@@ -427,10 +347,9 @@ def build_report(params: Params, run: StageRun | None = None) -> dict[str, float
     rows, counts = pareto_analysis(flat, params)
     flat["pareto.grpo_sft_dominates_base"] = counts["grpo_sft_dominates_base"]
     flat["pareto.pairs"] = counts["pairs"]
-    budgets = load_budgets()
-    figures = draw_figures(flat, params, figures_dir())
+    figures = draw_figures(flat, params, paths.figures_dir())
     for name, records in plot_data(flat, params).items():
-        write_json(plots_dir() / f"{name}.json", records)
+        write_json(paths.plots_dir() / f"{name}.json", records)
 
     english = (
         "with the Base model asked in English as the reference line" if params.evaluation.english_reference else ""
@@ -449,18 +368,18 @@ def build_report(params: Params, run: StageRun | None = None) -> dict[str, float
             "## Pareto analysis (RQ4)",
             pareto_section(rows, counts, params),
             "![Pareto](figures/pareto.png)\n\n![Following](figures/following.png)\n\n![pass@k](figures/passk.png)",
-            "## Budget",
-            budget_section(budgets),
+            "The run's cost (time, memory, tokens) is not part of this report, which depends on the scores only: "
+            "`budget-align budget` writes it to reports/budget.md, measured beside planned.",
         ]
     )
-    with atomic_write(paths.reports_dir() / "report.md") as handle:
+    with atomic_write(paths.report_file()) as handle:
         handle.write(markdown + "\n")
-    write_json(paths.reports_dir() / "metrics.json", flat)
+    write_json(paths.report_metrics_file(), flat)
     if run is not None:
         run.log_metrics(flat)
         for figure in figures:
             run.log_artifact(figure, "figures")
-        run.log_artifact(paths.reports_dir() / "report.md")
+        run.log_artifact(paths.report_file())
         run.add_output(paths.reports_dir())
     log.info(
         "report: GRPO-from-SFT strictly dominates Base in %d of %d pairs",

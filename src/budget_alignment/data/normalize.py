@@ -1,4 +1,8 @@
-"""Stage `normalize@{dataset}-{lang}`: the blog's "Lightweight fixes" as named rules, switched per language.
+"""Stage `normalize@{dataset}`: what training and evaluation read, one file per language (English included).
+
+Every record is always cleaned: Unicode NFC, CRLF and CR to LF, no trailing blanks on a line, at most two blank
+lines in a row (`clean_text`). Then the blog's "Lightweight fixes" apply as named rules, each switched per language
+(`normalize.<lang>.<rule>`; the paper profile, the recipe as measured, leaves them all off).
 
 Each rule is a function `(text, lang) -> text` registered under the name of its switch in `normalize.<lang>`
 (params.py `NormalizeLangParams`), applied in registration order to the question, the choice texts and the solution
@@ -20,13 +24,17 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from budget_alignment import paths
+from budget_alignment.data import contracts
+from budget_alignment.data.quarantine import LanguageResult, deliver
+from budget_alignment.errors import StageError
 from budget_alignment.params import NormalizeLangParams, Params
-from budget_alignment.records import Problem, RecordError, read_records, write_records
+from budget_alignment.records import Problem, RecordError, read_records
 
 if TYPE_CHECKING:
     from budget_alignment.tracking import StageRun
@@ -34,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class NormalizeError(RuntimeError):
+class NormalizeError(StageError, RuntimeError):
     """The stage cannot run: a missing input or a language without rules in params."""
 
 
@@ -77,6 +85,18 @@ def _outside(pattern: re.Pattern[str], text: str, function: Callable[[str], str]
         last = match.end()
     pieces.append(function(text[last:]))
     return "".join(pieces)
+
+
+# --- always: Unicode and whitespace -------------------------------------------------------------------------------
+
+_TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n|\Z)")
+_BLANK_LINES = re.compile(r"\n{4,}")
+
+
+def clean_text(text: str) -> str:
+    """NFC, LF line ends, no trailing blanks on a line, at most two blank lines in a row. Idempotent."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    return _BLANK_LINES.sub("\n\n\n", _TRAILING_BLANKS.sub("", text))
 
 
 # --- width ---------------------------------------------------------------------------------------------------------
@@ -255,71 +275,98 @@ def normalize_text(text: str, lang: str, rules: Sequence[str]) -> str:
     return text
 
 
+def normalize_field(text: str, lang: str, rules: Sequence[str]) -> str:
+    """A text cleaned, then with the rules applied, then cleaned again (a rule may leave, say, a letter beside a
+    combining accent that NFC joins)."""
+    return clean_text(normalize_text(clean_text(text), lang, rules))
+
+
 def normalize_problem(problem: Problem, rules: Sequence[str]) -> Problem:
+    """The record cleaned (always), then with the rules applied; a math gold answer gets only the width rules."""
     lang = problem.lang
-    answer = problem.answer
+
+    def text(value: str) -> str:
+        return normalize_field(value, lang, rules)
+
+    answer = unicodedata.normalize("NFC", problem.answer)
     if problem.answer_type == "math":
         answer = normalize_text(answer, lang, [name for name in rules if RULES[name].on_answer])
     choices = None
     if problem.choices is not None:
-        choices = {letter: normalize_text(text, lang, rules) for letter, text in problem.choices.items()}
+        choices = {letter: text(value) for letter, value in problem.choices.items()}
     return problem.model_copy(
         update={
-            "question": normalize_text(problem.question, lang, rules),
+            "question": text(problem.question),
             "answer": answer,
             "choices": choices,
-            "solution": normalize_text(problem.solution, lang, rules) if problem.solution else problem.solution,
+            "solution": text(problem.solution) if problem.solution else problem.solution,
             "provenance": {**problem.provenance, "normalize": {"lang": lang, "rules": list(rules)}},
         }
     )
 
 
 def rule_counts(problems: Sequence[Problem], rules: Sequence[str]) -> dict[str, int]:
-    """How many records each rule changes (applied alone), for the stage's metrics."""
-    counts = {}
+    """How many records the cleaning changes, and each rule after it (applied alone), for the stage's metrics."""
+    cleaned = [normalize_problem(p, []).model_dump(exclude={"provenance"}) for p in problems]
+    counts = {
+        "cleanup": sum(c != p.model_dump(exclude={"provenance"}) for c, p in zip(cleaned, problems, strict=True))
+    }
     for name in rules:
         counts[name] = sum(
-            normalize_problem(p, [name]).model_dump(exclude={"provenance"}) != p.model_dump(exclude={"provenance"})
-            for p in problems
+            normalize_problem(p, [name]).model_dump(exclude={"provenance"}) != c
+            for c, p in zip(cleaned, problems, strict=True)
         )
     return counts
 
 
-def normalize_dataset(params: Params, dataset: str, lang: str, run: StageRun | None = None) -> list[Problem]:
-    """Stage `normalize@{dataset}-{lang}`: what training and evaluation read, to `paths.normalized(dataset, lang)`.
+def normalize_dataset(
+    params: Params, dataset: str, run: StageRun | None = None, *, langs: Sequence[str] | None = None
+) -> dict[str, list[Problem]]:
+    """Stage `normalize@{dataset}`: each language's accepted records to `paths.normalized(dataset, lang)`.
 
-    English reads the ingested records; other languages their translation. Both are checked against English.
+    English reads the ingested records, other languages their translation: only what those stages accepted. Each is
+    checked against English.
     """
-    from budget_alignment.data import contracts
-
-    if dataset not in params.datasets:
-        raise NormalizeError(f"dataset {dataset!r} is not in params (datasets: {', '.join(params.datasets)})")
-    if lang not in params.normalize:
-        raise NormalizeError(f"normalize has no entry for {lang!r}")
-    source = paths.ingested(dataset) if lang == "en" else paths.translated(dataset, lang)
+    stage = f"normalize@{dataset}"
+    langs = list(langs) if langs else list(params.normalize)
+    for lang in langs:
+        if lang not in params.normalize:
+            raise NormalizeError(f"normalize has no entry for {lang!r}")
     try:
         english = read_records(paths.ingested(dataset), Problem)
-        records = english if lang == "en" else read_records(source, Problem)
+        inputs = {
+            lang: english if lang == "en" else read_records(paths.translated(dataset, lang), Problem) for lang in langs
+        }
     except FileNotFoundError as error:
-        stage = "ingest" if lang == "en" else "translate"
-        raise NormalizeError(f"{error.filename} does not exist: run the {stage} stage of {dataset} first") from None
+        stage_before = "ingest" if error.filename == str(paths.ingested(dataset)) else "translate"
+        raise NormalizeError(
+            f"{error.filename} does not exist: run the {stage_before} stage of {dataset} first"
+        ) from None
     except RecordError as error:
         raise NormalizeError(str(error)) from None
-    rules = enabled_rules(params.normalize[lang])
-    normalized = [normalize_problem(problem, rules) for problem in records]
-    counts = rule_counts(records, rules)
-    log.info(
-        "normalize %s %s: %d records; rules %s",
-        dataset,
-        lang,
-        len(normalized),
-        ", ".join(f"{k} ({v} changed)" for k, v in counts.items()) or "none",
-    )
-    stage = f"normalize@{dataset}-{lang}"
-    contracts.check_normalized(normalized, english, lang=lang, rules=rules, stage=stage, run=run)
-    output = paths.normalized(dataset, lang)
-    write_records(output, normalized)
-    if run is not None:
-        run.add_output(output)
-        run.log_metrics({"records": len(normalized), **{f"changed.{k}": v for k, v in counts.items()}})
-    return normalized
+    english_ids = {problem.id for problem in english}
+    results = []
+    for lang, records in inputs.items():
+        rules = enabled_rules(params.normalize[lang])
+        normalized = [normalize_problem(problem, rules) for problem in records]
+        counts = rule_counts(records, rules)
+        log.info(
+            "%s-%s: %d records; %s",
+            stage,
+            lang,
+            len(normalized),
+            ", ".join(f"{k} ({v} changed)" for k, v in counts.items()),
+        )
+        contract = contracts.check_normalized(
+            normalized,
+            english,
+            lang=lang,
+            rules=rules,
+            stage=stage,
+            expected_ids=[problem.id for problem in records if problem.id in english_ids],
+            max_rejected_fraction=params.contracts.max_rejected_fraction.normalize,
+            run=run,
+        )
+        metrics = {f"changed.{name}": count for name, count in counts.items()}
+        results.append(LanguageResult(lang, normalized, contract, [paths.normalized(dataset, lang)], metrics=metrics))
+    return deliver(stage, results, run)

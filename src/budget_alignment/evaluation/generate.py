@@ -4,6 +4,13 @@ Work happens in batches of whole problems with a seed derived from (seed, datase
 samples the same completions whether it runs in one go or after a crash. Finished problems are appended to a
 work file under the cache as soon as their batch ends; a killed run resumes from there and regenerates only the
 unfinished batches. The finished files are then moved into the stage's output folder at once.
+
+A LoRA adapter is sampled on the parent model it records (`loading.adapter_parent`): the base, or the fully
+fine-tuned SFT model a GRPO adapter was trained on. Prompts are the chat template's text, tokenized without added
+special tokens (the template writes any BOS itself), for both backends.
+
+The output is a pure function of the model and the params: the run's own facts (time, reused work) go to the
+stage's budget and MLflow.
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from budget_alignment import loading, paths, prompts
+from budget_alignment.errors import StageError
+from budget_alignment.evaluation.problems import read_problems
 from budget_alignment.fingerprints import tree_digest
 from budget_alignment.io import atomic_directory, atomic_write, write_json
 from budget_alignment.params import Params
+from budget_alignment.prompts import prompt_token_ids
 from budget_alignment.records import Completion, Problem, read_records
 from budget_alignment.tracking import StageRun
 
@@ -38,17 +48,8 @@ PARAM_KEYS = [
 ]
 
 
-class GenerationError(RuntimeError):
+class GenerationError(StageError, RuntimeError):
     """The model to sample from is missing or the backend cannot run."""
-
-
-def model_for(regime: str, lang: str) -> str:
-    """The model a regime uses in a language: `sft` in ja is `sft-ja`; `base` and `merge` serve every language."""
-    return regime if regime in ("base", "merge") else f"{regime}-{lang}"
-
-
-def generation_dir(regime: str, lang: str) -> Path:
-    return paths.data_dir() / "generations" / f"{regime}-{lang}"
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,12 @@ class Backend(Protocol):
 
 
 class TransformersBackend:
-    """Batched sampling with left padding and the KV cache; a LoRA adapter is loaded on the base, unmerged.
+    """Batched sampling with left padding and the KV cache; a LoRA adapter is loaded on its parent, unmerged.
 
     The decoding loop is this class's own rather than transformers' `generate`, whose sampling step (a sort and a
-    multinomial draw over the whole vocabulary for every sequence) cost 0.25 s of a 0.6 s CPU step for 64 sequences
-    of SmolLM2. It samples as vLLM does: temperature, then top-p, no top-k (`generate` would add top_k=50).
+    multinomial draw over the whole vocabulary for every sequence) was a large part of a CPU step
+    (benchmarks/generation.py). It samples as vLLM does: temperature, then top-p, no top-k (`generate` would add
+    top_k=50).
     """
 
     def __init__(self, params: Params, model_dir: Path) -> None:
@@ -77,19 +79,11 @@ class TransformersBackend:
 
         settings = params.evaluation
         self.settings = settings
-        self.device = "cuda" if params.compute.device != "cpu" and torch.cuda.is_available() else "cpu"
+        self.device = "cuda" if loading.gpu_available(params.compute) else "cpu"
         if params.compute.torch_threads:
             torch.set_num_threads(params.compute.torch_threads)
-        is_adapter = (model_dir / "adapter_config.json").is_file()
-        weights_dir = paths.base_model_dir() if is_adapter else model_dir
-        tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else paths.base_model_dir()
-        trust = loading.trusts_remote_code(params)
-        self._tokenizer = loading.load_tokenizer(tokenizer_dir, trust_remote_code=trust, padding_side="left")
-        dtype = getattr(torch, params.base_model.dtype) if self.device == "cuda" else torch.float32
-        model = loading.load_causal_lm(weights_dir, dtype, trust_remote_code=trust, on_cpu=self.device == "cpu")
-        if is_adapter:
-            model = loading.load_adapter(model, model_dir)
-        self.model = model.to(self.device).eval()
+        self._tokenizer = loading.load_model_tokenizer(model_dir, params, padding_side="left")
+        self.model = loading.load_model(model_dir, params).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(
             eos if isinstance(eos, list) else [eos if eos is not None else self._tokenizer.eos_token_id]
@@ -103,8 +97,9 @@ class TransformersBackend:
         from transformers import DynamicCache, StaticCache
 
         settings = self.settings
-        # The chat template already wrote any BOS token into the prompt text.
-        encoded = self._tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = self._tokenizer.pad(
+            {"input_ids": [prompt_token_ids(self._tokenizer, text) for text in prompts]}, return_tensors="pt"
+        )
         ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         generator = torch.Generator(self.device).manual_seed(seed)
@@ -149,28 +144,47 @@ class TransformersBackend:
         )
 
 
+@dataclass(frozen=True)
+class VllmEngine:
+    """What vLLM is started with for a model folder: the whole model, its options, and the adapter if any."""
+
+    model: Path
+    options: dict[str, Any]
+    adapter: Path | None
+
+
+def vllm_engine(params: Params, model_dir: Path) -> VllmEngine:
+    """A whole model as it is; an adapter as a LoRA request on the parent model it was trained on."""
+    loading.require_safetensors(model_dir)
+    options: dict[str, Any] = {
+        "tensor_parallel_size": params.evaluation.tensor_parallel_size,
+        "seed": params.seed,
+        "trust_remote_code": loading.trusts_remote_code(params),
+        "dtype": params.base_model.dtype,
+    }
+    if not loading.is_adapter(model_dir):
+        return VllmEngine(model_dir.resolve(), options, None)
+    rank = json.loads((model_dir / loading.ADAPTER_CONFIG).read_text(encoding="utf-8"))["r"]
+    options |= {"enable_lora": True, "max_lora_rank": max(8, rank)}
+    return VllmEngine(loading.weights_folder(model_dir).resolve(), options, model_dir.resolve())
+
+
+def vllm_prompts(tokenizer: Any, texts: list[str]) -> list[dict[str, list[int]]]:
+    """vLLM's prompt inputs: token ids exactly as the chat template wrote them (vLLM would add a BOS to text)."""
+    return [{"prompt_token_ids": prompt_token_ids(tokenizer, text)} for text in texts]
+
+
 class VllmBackend:
-    """vLLM offline batch generation (GPU); a LoRA adapter goes through `enable_lora`."""
+    """vLLM offline batch generation (GPU); a LoRA adapter goes through `enable_lora` on its parent model."""
 
     def __init__(self, params: Params, model_dir: Path) -> None:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
         self.settings = params.evaluation
-        is_adapter = (model_dir / "adapter_config.json").is_file()
-        options: dict[str, Any] = {
-            "tensor_parallel_size": self.settings.tensor_parallel_size,
-            "seed": params.seed,
-            "trust_remote_code": loading.trusts_remote_code(params),
-            "dtype": params.base_model.dtype,
-        }
-        self.lora = None
-        loading.require_safetensors(model_dir)
-        if is_adapter:
-            rank = json.loads((model_dir / "adapter_config.json").read_text())["r"]
-            options |= {"enable_lora": True, "max_lora_rank": max(8, rank)}
-            self.lora = LoRARequest(model_dir.name, 1, str(model_dir.resolve()))
-        self.llm = LLM(model=str((paths.base_model_dir() if is_adapter else model_dir).resolve()), **options)
+        engine = vllm_engine(params, model_dir)
+        self.llm = LLM(model=str(engine.model), **engine.options)
+        self.lora = LoRARequest(model_dir.name, 1, str(engine.adapter)) if engine.adapter else None
 
     def tokenizer(self) -> Any:
         return self.llm.get_tokenizer()
@@ -185,7 +199,9 @@ class VllmBackend:
             max_tokens=self.settings.max_new_tokens,
             seed=seed,
         )
-        outputs = self.llm.generate(prompts, sampling, lora_request=self.lora, use_tqdm=False)
+        outputs = self.llm.generate(
+            vllm_prompts(self.tokenizer(), prompts), sampling, lora_request=self.lora, use_tqdm=False
+        )
         return [
             [Sample(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop") for c in o.outputs]
             for o in outputs
@@ -236,12 +252,10 @@ def batches(items: list[T], size: int) -> Iterator[tuple[int, list[T]]]:
         yield index, items[start : start + size]
 
 
-def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
-    """What the completions depend on; a work file made under another fingerprint is discarded."""
+def sampling_settings(params: Params, lang: str) -> dict[str, Any]:
+    """The params the completions depend on (besides the model)."""
     settings = params.evaluation
     return {
-        "model": str(model_dir),
-        "model_state": tree_digest(model_dir, contents=False),
         "lang": lang,
         "seed": params.seed,
         "backend": settings.backend,
@@ -250,9 +264,16 @@ def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
         "top_p": settings.top_p,
         "max_new_tokens": settings.max_new_tokens,
         "batch_size": settings.batch_size,
-        "limit": settings.limit,
         "prompts": params.prompts.model_dump(),
     }
+
+
+def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
+    """What the completions depend on; a work file made under another fingerprint is discarded."""
+    model_state = tree_digest(loading.weights_folder(model_dir), contents=False)
+    if loading.is_adapter(model_dir):
+        model_state += tree_digest(model_dir, contents=False)
+    return {"model": str(model_dir), "model_state": model_state, **sampling_settings(params, lang)}
 
 
 def finished_problems(work_file: Path, n: int) -> dict[str, list[Completion]]:
@@ -269,16 +290,100 @@ def finished_problems(work_file: Path, n: int) -> dict[str, list[Completion]]:
     return {pid: samples for pid, samples in done.items() if len(samples) == n}
 
 
+@dataclass(frozen=True)
+class Job:
+    """One backend call: a batch of prompts (one per problem) and its seed, fixed by params."""
+
+    index: int
+    texts: list[str]
+    seed: int
+
+
+def replica_count(params: Params) -> int:
+    """Engines side by side (`compute.generation_replicas`; auto: one per `tensor_parallel_size` visible GPUs)."""
+    replicas = params.compute.generation_replicas
+    if replicas != "auto":
+        return replicas
+    if params.evaluation.backend != "vllm" or not loading.gpu_available(params.compute):
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count() // params.evaluation.tensor_parallel_size)
+
+
+def sample_jobs(params: Params, model_dir: Path, jobs: list[Job]) -> Iterator[tuple[Job, list[list[Sample]]]]:
+    """Each job with its samples, as jobs finish: in this process, or spread over replica processes (one engine
+    each, on its own GPUs), whose results come back in any order."""
+    replicas = min(replica_count(params), len(jobs))
+    if replicas <= 1:
+        backend = BACKENDS[params.evaluation.backend](params, model_dir) if jobs else None
+        for job in jobs:
+            yield job, backend.generate(job.texts, params.evaluation.n, job.seed)
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh process per engine: CUDA and torch threads of its own
+    pending, results = context.Queue(), context.Queue()
+    for job in jobs:
+        pending.put(job)
+    gpus = params.evaluation.tensor_parallel_size if params.evaluation.backend == "vllm" else 0
+    workers = [
+        context.Process(
+            target=_replica,
+            args=(rank, gpus, params.model_dump_json(), str(model_dir), pending, results),
+            name=f"generate replica {rank}",
+            daemon=True,
+        )
+        for rank in range(replicas)
+    ]
+    for worker in workers:
+        pending.put(None)  # one end marker per replica
+        worker.start()
+    by_index = {job.index: job for job in jobs}
+    try:
+        for _ in jobs:
+            index, outcome = results.get()
+            if isinstance(outcome, str):
+                raise GenerationError(f"replica failed: {outcome}")
+            yield by_index[index], outcome
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
+
+
+def _replica(rank: int, gpus: int, params_json: str, model_dir: str, pending: Any, results: Any) -> None:
+    """A replica process: its own GPUs (`gpus` per replica, none on the CPU), one engine, jobs until the end marker."""
+    import os
+
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(rank * gpus + i) for i in range(gpus))
+    params = Params.model_validate_json(params_json)
+    try:
+        backend = BACKENDS[params.evaluation.backend](params, Path(model_dir))
+        while (job := pending.get()) is not None:
+            results.put((job.index, backend.generate(job.texts, params.evaluation.n, job.seed)))
+    except Exception as error:  # reported to the stage, which fails with it
+        results.put((-1, f"{type(error).__name__}: {error}"))
+
+
 def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: StageRun | None = None) -> dict:
-    """Sample `evaluation.n` completions for every evaluation problem in `lang` with the regime's model."""
+    """Sample `evaluation.n` completions for every evaluation problem in `lang` with the regime's model.
+
+    Returns the output's summary (`generation.json`) and this run's facts (tokens generated, completions reused
+    from an interrupted run, seconds), which go to the budget and MLflow, not into the output.
+    """
     from tqdm import tqdm
 
     settings = params.evaluation
-    model_name = model_for(regime, lang)
+    model_name = paths.model_for(regime, lang)
     model_dir = paths.model_dir(model_name)
-    if not model_dir.is_dir():
-        raise GenerationError(f"model {model_name} not found at {model_dir}; run its stage first")
-    work = paths.cache_dir() / "generations" / f"{regime}-{lang}"
+    try:
+        loading.require_model(model_dir, f"model {model_name}")
+    except loading.ModelFolderError as error:
+        raise GenerationError(str(error)) from None
+    work = paths.generation_work_dir(regime, lang)
     meta = fingerprint(params, model_dir, lang)
     meta_file = work / META_FILE
     if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
@@ -287,34 +392,33 @@ def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: 
     work.mkdir(parents=True, exist_ok=True)
     write_json(meta_file, meta)
 
-    problem_sets = {}
-    for dataset in settings.datasets:
-        problems = read_records(paths.normalized(dataset, lang), Problem)
-        problem_sets[dataset] = problems[: settings.limit] if settings.limit else problems
+    problem_sets = {dataset: read_problems(lang, dataset) for dataset in settings.datasets}
     total = sum(len(p) for p in problem_sets.values()) * settings.n
-    # One batch may span the evaluation sets: a decoding step costs nearly the same for 32 or 128 sequences on a
-    # CPU, so pooling the sets is up to four times faster than a batch per set. The batches are fixed by params,
-    # so that a resumed run draws the same samples.
+    # One batch may span the evaluation sets (a decoding step costs nearly the same for more sequences), and the
+    # batches are fixed by params, so that a resumed run, or one on more replicas, draws the same samples.
     pooled = [(dataset, problem) for dataset, problems in problem_sets.items() for problem in problems]
     per_batch = max(1, settings.batch_size // settings.n)
-    backend: Backend | None = None
-    generated_tokens, reused, started = 0, 0, time.perf_counter()
+    started = time.perf_counter()
     done: dict[str, dict[str, list[Completion]]] = {}
     for dataset in problem_sets:
         work_file = work / f"{dataset}.jsonl"
         done[dataset] = finished_problems(work_file, settings.n)
         _rewrite(work_file, done[dataset])  # drop torn lines and partial problems before appending
-        reused += sum(len(v) for v in done[dataset].values())
+    reused = sum(len(samples) for finished in done.values() for samples in finished.values())
+    tokenizer = loading.load_model_tokenizer(model_dir, params) if reused < total else None
+    batch_of: dict[int, list[tuple[str, Problem]]] = {}
+    jobs = []
+    for index, batch in batches(pooled, per_batch):
+        if all(problem.id in done[dataset] for dataset, problem in batch):
+            continue
+        batch_of[index] = batch
+        texts = [prompts.generation_prompt(tokenizer, p, params.prompts, lang) for _, p in batch]
+        jobs.append(Job(index, texts, batch_seed(params.seed, "pooled", index)))
+    generated_tokens = 0
     with tqdm(total=total, initial=reused, desc=f"generate {regime}-{lang}", unit="completion") as progress:
-        for index, batch in batches(pooled, per_batch):
-            todo = [(dataset, p) for dataset, p in batch if p.id not in done[dataset]]
-            if not todo:
-                continue
-            if backend is None:
-                backend = BACKENDS[settings.backend](params, model_dir)
-            texts = [prompts.generation_prompt(backend.tokenizer(), p, params.prompts, lang) for _, p in batch]
-            results = backend.generate(texts, settings.n, batch_seed(params.seed, "pooled", index))
-            for dataset in dict.fromkeys(dataset for dataset, _ in todo):
+        for job, results in sample_jobs(params, model_dir, jobs):
+            batch = batch_of[job.index]
+            for dataset in dict.fromkeys(dataset for dataset, _ in batch):
                 with (work / f"{dataset}.jsonl").open("a", encoding="utf-8") as handle:
                     for (source, problem), samples in zip(batch, results, strict=True):
                         if source != dataset or problem.id in done[dataset]:
@@ -331,30 +435,39 @@ def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: 
                             )
                             handle.write(completion.model_dump_json() + "\n")
                             generated_tokens += sample.tokens
-            progress.update(len(todo) * settings.n)
+            progress.update(sum(settings.n for dataset, p in batch if p.id not in done[dataset]))
             elapsed = time.perf_counter() - started
             progress.set_postfix(tokens_per_s=f"{generated_tokens / max(elapsed, 1e-9):.0f}")
 
-    summary = {
+    summary: dict[str, Any] = {
         "regime": regime,
         "lang": lang,
         "model": model_name,
         "completions": total,
-        "reused_completions": reused,
-        "tokens_generated": generated_tokens,
-        "generation_seconds": round(time.perf_counter() - started, 3),
-        "sampling": meta,
+        "sampling": sampling_settings(params, lang),
     }
     with atomic_directory(out) as tmp:
-        for dataset in problem_sets:
-            shutil.copyfile(work / f"{dataset}.jsonl", tmp / f"{dataset}.jsonl")
+        for dataset, problems in problem_sets.items():
+            # In problem order whatever order batches finished in (a resumed run, several replicas).
+            position = {problem.id: i for i, problem in enumerate(problems)}
+            completions = sorted(
+                read_records(work / f"{dataset}.jsonl", Completion), key=lambda c: (position[c.problem_id], c.sample)
+            )
+            summary[f"{dataset}_tokens"] = sum(completion.tokens for completion in completions)
+            with atomic_write(tmp / f"{dataset}.jsonl") as handle:
+                handle.writelines(completion.model_dump_json() + "\n" for completion in completions)
         write_json(tmp / META_FILE, summary)
     shutil.rmtree(work, ignore_errors=True)
+    facts = {
+        "tokens_generated": generated_tokens,
+        "reused_completions": reused,
+        "generation_seconds": round(time.perf_counter() - started, 3),
+    }
     if run is not None:
         run.add_output(out)
-        run.add_budget(tokens_generated=generated_tokens, completions=total)
-        run.log_metrics({"tokens_generated": generated_tokens, "reused_completions": reused})
-    return summary
+        run.add_budget(completions=total, **facts)
+        run.log_metrics(facts)
+    return summary | facts
 
 
 def _rewrite(work_file: Path, done: dict[str, list[Completion]]) -> None:

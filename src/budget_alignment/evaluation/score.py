@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from budget_alignment import paths
+from budget_alignment.errors import StageError
+from budget_alignment.evaluation.problems import problems_file
 from budget_alignment.io import write_json
 from budget_alignment.params import Params, ScoringParams
 from budget_alignment.records import Completion, Problem, RecordError, Score, read_records, write_records
@@ -39,7 +41,7 @@ Job = tuple[str, str, str, str, dict[str, str] | None]
 Verdict = tuple[str | None, bool, bool, bool, bool]
 
 
-class ScoringError(ValueError):
+class ScoringError(StageError, ValueError):
     """The inputs of the score stage cannot be scored (no completions at all)."""
 
 
@@ -256,12 +258,10 @@ def score_generations(
     Writes data/scores/REGIME-LANG/DATASET.jsonl and the metrics of every dataset to reports/scores/REGIME-LANG.json.
     Generation and scoring are separate stages, so a change of a scoring threshold re-scores without regenerating.
     """
-    from budget_alignment.evaluation.generate import generation_dir
-
     metrics: dict[str, dict[str, Any]] = {}
     for dataset in params.evaluation.datasets:
-        problems_path = paths.normalized(dataset, lang)
-        completions_path = generation_dir(regime, lang) / f"{dataset}.jsonl"
+        problems_path = problems_file(lang, dataset)
+        completions_path = paths.generations_dir(regime, lang) / f"{dataset}.jsonl"
         problems = {problem.id: problem for problem in read_records(problems_path, Problem)}
         completions = read_records(completions_path, Completion)
         if not completions:
@@ -269,20 +269,12 @@ def score_generations(
         scores, by_dataset = score_completions(
             problems, completions, completions_path, params.scoring, params.evaluation.k
         )
-        write_records(scores_dir(regime, lang) / f"{dataset}.jsonl", scores)
+        write_records(paths.scores_dir(regime, lang) / f"{dataset}.jsonl", scores)
         # The problems carry their dataset's name; one file holds one dataset.
         (values,) = by_dataset.values()
         metrics[dataset] = values
-    write_json(metrics_file(regime, lang), metrics)
+    write_json(paths.score_metrics_file(regime, lang), metrics)
     if run is not None:
-        run.add_output(scores_dir(regime, lang))
+        run.add_output(paths.scores_dir(regime, lang))
         run.log_metrics(flatten(metrics))
     return metrics
-
-
-def scores_dir(regime: str, lang: str) -> Path:
-    return paths.data_dir() / "scores" / f"{regime}-{lang}"
-
-
-def metrics_file(regime: str, lang: str) -> Path:
-    return paths.reports_dir() / "scores" / f"{regime}-{lang}.json"

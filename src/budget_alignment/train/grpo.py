@@ -3,7 +3,8 @@
 `init` is where the policy starts:
 - `base`: a fresh LoRA (`grpo.lora`) on the base model;
 - `sft`: the model of `sft@{lang}`. An SFT adapter is loaded trainable and trained further (not re-initialized,
-  so `grpo.lora` does not apply to it); a fully fine-tuned SFT model gets a fresh `grpo.lora` adapter.
+  so `grpo.lora` does not apply to it; the result is an adapter on the base); a fully fine-tuned SFT model gets a
+  fresh `grpo.lora` adapter, whose recorded parent is that SFT model.
 
 Every `grpo.*` param maps one to one to a `GRPOConfig` field (`grpo_config`; `clip_low` -> `epsilon`, `clip_high`
 -> `epsilon_high`, `reward_weights` -> the weights of the reward functions in the same order). The rewards are
@@ -20,17 +21,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING, Any, Literal
 
-from budget_alignment import paths, prompts
+from budget_alignment import loading, paths, prompts
 from budget_alignment.params import ComputeParams, GrpoParams, Params, PromptParams
 from budget_alignment.records import Problem
 from budget_alignment.tracking import StageRun
-from budget_alignment.train import rewards
+from budget_alignment.train import checkpoints, outputs, rewards
 from budget_alignment.train import trainer_setup as setup
-from budget_alignment.train.sft import read_problems
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 Init = Literal["base", "sft"]
 # The params sections the stage reads (the rewards use the scoring thresholds); dvc.yaml lists the same.
 SECTIONS = ["grpo", "prompts", "scoring", "compute"]
+
+
+# The param that sets GRPO's global batch (with num_generations).
+BATCH_KEY = "grpo.prompts_per_step"
 
 
 def stage_name(init: str, lang: str) -> str:
@@ -74,7 +79,7 @@ def grpo_dataset(
 
     rows = []
     for problem in problems:
-        prompt = setup.without_duplicate_bos(tokenizer, prompts.generation_prompt(tokenizer, problem, settings))
+        prompt = prompts.without_duplicate_bos(tokenizer, prompts.generation_prompt(tokenizer, problem, settings))
         rows.append(
             {
                 "prompt": prompt,
@@ -111,6 +116,9 @@ def grpo_config(
     """`grpo.*` as TRL's GRPOConfig, one field per param (reward weights in the order of `reward_weights`)."""
     from trl import GRPOConfig
 
+    batch = setup.batch_plan(
+        grpo.prompts_per_step * grpo.num_generations, grpo.per_device_batch_size, setup.world_size(), BATCH_KEY
+    )
     return GRPOConfig(
         **setup.common_arguments(
             stage=stage,
@@ -134,8 +142,8 @@ def grpo_config(
         top_p=grpo.top_p,
         max_completion_length=grpo.max_completion_length,
         mask_truncated_completions=grpo.mask_truncated_completions,
-        per_device_train_batch_size=grpo.per_device_batch_size,
-        gradient_accumulation_steps=grpo.gradient_accumulation_steps,
+        per_device_train_batch_size=batch.per_device,
+        gradient_accumulation_steps=batch.accumulation,
         num_train_epochs=grpo.num_train_epochs,
         max_steps=grpo.max_steps,
         use_vllm=grpo.use_vllm,
@@ -144,15 +152,26 @@ def grpo_config(
     )
 
 
-def load_policy(params: Params, init: Init, lang: str) -> tuple[PreTrainedModel, LoraConfig | None, Path]:
-    """The model GRPO starts from, the LoRA to put on it (None: it already carries a trainable adapter), its folder."""
+@dataclass(frozen=True)
+class Policy:
+    """Where GRPO starts: the model, the LoRA to put on it (None: it carries a trainable adapter already), the folder
+    it was loaded from, and the whole model the trained adapter applies to (its recorded parent)."""
+
+    model: PreTrainedModel
+    peft_config: LoraConfig | None
+    start: Path
+    parent: Path
+
+
+def load_policy(params: Params, init: Init, lang: str) -> Policy:
     if init == "base":
         folder = setup.require_model(paths.base_model_dir(), "base model")
-        return setup.load_model(folder, params), setup.lora_config(params.grpo.lora), folder
+        return Policy(loading.load_model(folder, params), setup.lora_config(params.grpo.lora), folder, folder)
     folder = setup.require_model(paths.model_dir(f"sft-{lang}"), f"sft@{lang} model")
-    if setup.is_adapter(folder):
-        return setup.load_model(folder, params, trainable=True), None, folder
-    return setup.load_model(folder, params), setup.lora_config(params.grpo.lora), folder
+    if loading.is_adapter(folder):
+        model = loading.load_model(folder, params, trainable=True)
+        return Policy(model, None, folder, loading.adapter_parent(folder))
+    return Policy(loading.load_model(folder, params), setup.lora_config(params.grpo.lora), folder, folder)
 
 
 def make_grpo_trainer(
@@ -207,42 +226,44 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
     settings = params.grpo
     dataset_name = problems_dataset(params)
     data = paths.normalized(dataset_name, lang)
-    problems = read_problems(data, f"grpo dataset {dataset_name!r} ({lang})")
-    model, peft_config, start = load_policy(params, init, lang)
-    tokenizer = setup.load_tokenizer(start, params)
+    problems = setup.read_problems(data, f"grpo dataset {dataset_name!r} ({lang})")
+    policy = load_policy(params, init, lang)
+    tokenizer = loading.load_model_tokenizer(policy.start, params)
     setup.apply_compute(params.compute)
     dataset = grpo_dataset(problems, tokenizer, params.prompts, settings.max_prompt_length)
-    digest = setup.fingerprint(
+    digest = checkpoints.fingerprint(
         stage,
         settings.model_dump(mode="json"),
         params.prompts.model_dump(),
         params.scoring.model_dump(mode="json"),
         params.seed,
         data,
-        start,
+        policy.start,
     )
-    checkpoints = setup.checkpoint_dir(stage, digest)
+    checkpoint_dir = checkpoints.checkpoint_dir(stage, digest)
     config = grpo_config(
         settings,
         stage=stage,
         compute=params.compute,
         seed=params.seed,
-        output_dir=checkpoints,
+        output_dir=checkpoint_dir,
         report_to=setup.report_to(run),
     )
     names = list(settings.reward_weights)
     trainer = make_grpo_trainer(
-        model, tokenizer, dataset, config, rewards.build_rewards(names, params.scoring), peft_config
+        policy.model, tokenizer, dataset, config, rewards.build_rewards(names, params.scoring), policy.peft_config
     )
-    resumed_from = setup.train_resumably(trainer, checkpoints)
+    resumed_from = checkpoints.train_resumably(trainer, checkpoint_dir)
+    if run is not None and resumed_from is not None:
+        run.add_budget(resumed_from_step=resumed_from)  # a fact of this run, not of its inputs
     history = trainer.state.log_history
-    metrics = setup.training_metrics(trainer, resumed_from) | {
+    metrics = outputs.training_metrics(trainer) | {
         "prompts": len(dataset),
         "tokens_generated": tokens_generated(history, config.generation_batch_size),
         "rewards": reward_means(history, names),
     }
-    setup.publish_model(trainer, tokenizer, paths.model_dir(model_name(init, lang)))
-    setup.write_metrics(trainer, stage, metrics)
+    outputs.publish_model(trainer, tokenizer, paths.model_dir(model_name(init, lang)), parent=policy.parent)
+    outputs.write_metrics(trainer, stage, metrics)
     if trainer.is_world_process_zero():
-        setup.remove_checkpoints(checkpoints)
+        checkpoints.remove_checkpoints(checkpoint_dir)
     return metrics

@@ -20,11 +20,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from budget_alignment import tracking
+from budget_alignment import loading, tracking
+from budget_alignment.data.sources import SourceError, load_source
 from budget_alignment.params import Params, PromptParams
 from budget_alignment.records import Problem
 from budget_alignment.tracking import StageRun
-from budget_alignment.train import sft
+from budget_alignment.train import checkpoints, outputs, sft
 from budget_alignment.train import trainer_setup as setup
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,6 @@ ENGLISH = "en"
 
 def prior_chains(params: Params) -> dict[str, list[Problem]]:
     """The prior's chains per language (English and every question language), from the dataset's sources."""
-    from budget_alignment.data.sources import SourceError, load_source
-
     settings = params.base_model.reasoning_prior
     if settings is None:
         raise setup.TrainingError("base_model.reasoning_prior is not set")
@@ -82,23 +81,24 @@ def apply_reasoning_prior(params: Params, model_dir: Path, run: StageRun | None 
     stage = tracking.stage_name("base_model")
     training = settings.training
     chains = prior_chains(params)
-    tokenizer = setup.load_tokenizer(model_dir, params)
+    tokenizer = loading.load_model_tokenizer(model_dir, params)
     examples = prior_examples(chains, tokenizer, settings.question_languages)
     # The converted model is rebuilt on every run (new mtimes); its source and the data identify the run.
     source = params.base_model.model_dump(mode="json", exclude={"reasoning_prior"})
-    digest = setup.fingerprint(stage, source, settings.model_dump(mode="json"), params.seed, examples)
-    checkpoints = setup.checkpoint_dir(stage, digest)
+    digest = checkpoints.fingerprint(stage, source, settings.model_dump(mode="json"), params.seed, examples)
+    checkpoint_dir = checkpoints.checkpoint_dir(stage, digest)
     trainer, metrics = sft.fine_tune(
         stage=stage,
-        model=setup.load_model(model_dir, params),
+        model=loading.load_model(model_dir, params),
         tokenizer=tokenizer,
         examples=examples,
         training=training,
         max_length=max(training.max_length_for(lang) for lang in settings.question_languages),
         compute=params.compute,
         seed=params.seed,
-        checkpoints=checkpoints,
+        checkpoint_dir=checkpoint_dir,
         run=run,
+        batch_key="base_model.reasoning_prior.training.batch_size",
     )
     model = trainer.model.merge_and_unload() if training.use_lora else trainer.model
     model = model.to(getattr(torch, params.base_model.dtype))
@@ -108,11 +108,11 @@ def apply_reasoning_prior(params: Params, model_dir: Path, run: StageRun | None 
     for entry in staging.iterdir():  # weights and configs replace the converted ones; the tokenizer stays
         entry.replace(model_dir / entry.name)
     shutil.rmtree(staging, ignore_errors=True)
-    setup.remove_checkpoints(checkpoints)
+    checkpoints.remove_checkpoints(checkpoint_dir)
     log.info(
         "reasoning prior merged into %s (%d examples, %d steps)", model_dir, len(examples), metrics["global_step"]
     )
     if run is not None:
-        run.add_budget(**setup.budget_figures(metrics))
+        run.add_budget(**outputs.budget_figures(metrics))
         run.log_metrics({f"prior.{k}": v for k, v in metrics.items()})
     return metrics

@@ -7,7 +7,7 @@ questions. LoRA or full fine-tuning as `sft.use_lora` says.
 
 Output: `data/models/sft/{lang}/`, the PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`,
 tokenizer files) on top of `data/models/base` for LoRA, or a whole safetensors model folder for full fine-tuning
-(`trainer_setup.load_model` loads either); metrics in `reports/train/sft@{lang}.json`.
+(`loading.load_model` loads either); metrics in `reports/train/sft@{lang}.json`.
 
 `fine_tune` is the training itself; the tiny base's reasoning prior (`prior.py`) calls it too.
 """
@@ -19,10 +19,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from budget_alignment import paths, prompts
+from budget_alignment import loading, paths, prompts
 from budget_alignment.params import ComputeParams, Params, PromptParams, TrainingParams
-from budget_alignment.records import Problem, RecordError, read_records
+from budget_alignment.records import Problem
 from budget_alignment.tracking import StageRun
+from budget_alignment.train import checkpoints, outputs
 from budget_alignment.train import trainer_setup as setup
 
 if TYPE_CHECKING:
@@ -31,24 +32,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The param that sets the global batch (the reasoning prior has its own).
+BATCH_KEY = "sft.batch_size"
 # The params sections the stage reads (dvc.yaml lists the same; `seed` and `profile` are always logged).
 SECTIONS = ["sft", "prompts", "compute"]
 
 
 def stage_name(lang: str) -> str:
     return f"sft@{lang}"
-
-
-def read_problems(path: Path, what: str) -> list[Problem]:
-    if not path.is_file():
-        raise setup.TrainingError(f"{what}: {path} does not exist (run the data stages first)")
-    try:
-        problems = read_records(path, Problem)
-    except RecordError as error:
-        raise setup.TrainingError(str(error)) from None
-    if not problems:
-        raise setup.TrainingError(f"{what}: {path} holds no problems")
-    return problems
 
 
 def sft_examples(
@@ -67,7 +58,7 @@ def sft_examples(
             example = prompts.training_example(tokenizer, problem, settings, reasoning_from=donor)
         except ValueError as error:
             raise setup.TrainingError(str(error)) from None
-        example["prompt"] = setup.without_duplicate_bos(tokenizer, example["prompt"])
+        example["prompt"] = prompts.without_duplicate_bos(tokenizer, example["prompt"])
         examples.append(example)
     return examples
 
@@ -87,9 +78,12 @@ def sft_config(
     seed: int,
     output_dir: Path,
     report_to: str | list[str],
+    batch_key: str = BATCH_KEY,
 ) -> SFTConfig:
+    """The SFT hyper-parameters as TRL's SFTConfig; the global batch is split over this run's processes."""
     from trl import SFTConfig
 
+    batch = setup.batch_plan(training.batch_size, training.per_device_batch_size, setup.world_size(), batch_key)
     return SFTConfig(
         **setup.common_arguments(
             stage=stage,
@@ -104,8 +98,8 @@ def sft_config(
         learning_rate=training.learning_rate,
         num_train_epochs=training.num_train_epochs,
         max_steps=training.max_steps,
-        per_device_train_batch_size=training.per_device_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        per_device_train_batch_size=batch.per_device,
+        gradient_accumulation_steps=batch.accumulation,
         warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of the training steps
         lr_scheduler_type=training.lr_scheduler_type,
         max_length=max_length,
@@ -146,10 +140,11 @@ def fine_tune(
     max_length: int,
     compute: ComputeParams,
     seed: int,
-    checkpoints: Path,
+    checkpoint_dir: Path,
     run: StageRun | None,
+    batch_key: str = BATCH_KEY,
 ) -> tuple[SFTTrainer, dict[str, Any]]:
-    """Train on prompt/completion `examples`, resuming from `checkpoints` after a crash; returns trainer, metrics."""
+    """Train on prompt/completion `examples`, resuming from `checkpoint_dir` after a crash: trainer and metrics."""
     setup.apply_compute(compute)
     truncated = count_truncated(examples, tokenizer, max_length)
     if truncated:
@@ -166,12 +161,15 @@ def fine_tune(
         max_length=max_length,
         compute=compute,
         seed=seed,
-        output_dir=checkpoints,
+        output_dir=checkpoint_dir,
         report_to=setup.report_to(run),
+        batch_key=batch_key,
     )
     trainer = make_sft_trainer(model, tokenizer, examples, config, training)
-    resumed_from = setup.train_resumably(trainer, checkpoints)
-    metrics = setup.training_metrics(trainer, resumed_from) | {
+    resumed_from = checkpoints.train_resumably(trainer, checkpoint_dir)
+    if run is not None and resumed_from is not None:
+        run.add_budget(resumed_from_step=resumed_from)  # a fact of this run, not of its inputs
+    metrics = outputs.training_metrics(trainer) | {
         "examples": len(examples),
         "truncated_examples": truncated,
         "max_length": max_length,
@@ -185,27 +183,27 @@ def train_sft(params: Params, lang: str, run: StageRun | None = None) -> dict[st
     settings = params.sft
     data = paths.normalized(settings.dataset, lang)
     base = setup.require_model(paths.base_model_dir(), "base model")
-    problems = read_problems(data, f"sft dataset {settings.dataset!r} ({lang})")
-    tokenizer = setup.load_tokenizer(base, params)
+    problems = setup.read_problems(data, f"sft dataset {settings.dataset!r} ({lang})")
+    tokenizer = loading.load_model_tokenizer(base, params)
     examples = sft_examples(problems, tokenizer, params.prompts)
-    digest = setup.fingerprint(
+    digest = checkpoints.fingerprint(
         stage, settings.model_dump(mode="json"), params.prompts.model_dump(), params.seed, data, base
     )
-    checkpoints = setup.checkpoint_dir(stage, digest)
+    checkpoint_dir = checkpoints.checkpoint_dir(stage, digest)
     trainer, metrics = fine_tune(
         stage=stage,
-        model=setup.load_model(base, params),
+        model=loading.load_model(base, params),
         tokenizer=tokenizer,
         examples=examples,
         training=settings,
         max_length=settings.max_length_for(lang),
         compute=params.compute,
         seed=params.seed,
-        checkpoints=checkpoints,
+        checkpoint_dir=checkpoint_dir,
         run=run,
     )
-    setup.publish_model(trainer, tokenizer, paths.model_dir(f"sft-{lang}"))
-    setup.write_metrics(trainer, stage, metrics)
+    outputs.publish_model(trainer, tokenizer, paths.model_dir(f"sft-{lang}"), parent=base)
+    outputs.write_metrics(trainer, stage, metrics)
     if trainer.is_world_process_zero():
-        setup.remove_checkpoints(checkpoints)
+        checkpoints.remove_checkpoints(checkpoint_dir)
     return metrics

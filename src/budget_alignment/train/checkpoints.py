@@ -1,0 +1,100 @@
+"""Resumable training: checkpoints outside the stage's output, keyed by what the run depends on.
+
+Checkpoints go to `.cache/checkpoints/<stage>/<fingerprint>` every `save_steps` (DVC deletes a stage's output before
+the stage runs, so they cannot live there). A rerun after a crash resumes from the last complete one; the fingerprint
+(the params the stage reads, its input data and models) makes a changed stage start afresh instead of resuming
+another run. A run removes its own checkpoints once its model is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from budget_alignment import paths
+from budget_alignment.fingerprints import sha256_file, tree_digest
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# Complete checkpoints only: the Trainer writes this file last, after weights, optimizer and RNG states.
+CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
+
+
+def _identity(value: Any) -> Any:
+    """What makes an input the same input: file contents for small files, the folder's state for model weights."""
+    if isinstance(value, Path):
+        if value.is_file():
+            return {"file": str(value), "sha256": sha256_file(value)}
+        if value.is_dir():
+            # Weights are large; a changed size or mtime (rewritten by DVC, retrained) only costs a fresh start.
+            return {"dir": str(value), "state": tree_digest(value, contents=False)}
+        return {"missing": str(value)}
+    return value
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short digest of a stage's settings and inputs (Paths stand for their files)."""
+    payload = json.dumps([_identity(part) for part in parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def checkpoint_dir(stage: str, digest: str) -> Path:
+    return paths.checkpoints_dir(stage) / digest
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that was written to the end; half-written ones (a kill during saving) are removed."""
+    if not folder.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in folder.iterdir() if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()),
+        key=checkpoint_step,
+    )
+    complete = [p for p in candidates if (p / CHECKPOINT_COMPLETE_MARKER).is_file()]
+    for partial in set(candidates) - set(complete):
+        log.warning("removing the incomplete checkpoint %s", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+def train_resumably(trainer: Trainer, checkpoints: Path) -> int | None:
+    """Train, resuming from the last complete checkpoint in `checkpoints`; returns the step resumed from."""
+    state = trainer.accelerator.state
+    log.info("training on %d processes (%s)", state.num_processes, state.distributed_type.value)
+    last = last_complete_checkpoint(checkpoints) if trainer.is_world_process_zero() else None
+    last = broadcast(trainer, last)
+    if last is not None:
+        log.info("resuming from %s (step %d)", last, checkpoint_step(last))
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    return checkpoint_step(last) if last else None
+
+
+def broadcast(trainer: Trainer, value: Any) -> Any:
+    """Rank 0's `value` on every rank (one process: unchanged)."""
+    if trainer.accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def remove_checkpoints(checkpoints: Path) -> None:
+    """After success: this run's checkpoints (others of the stage may belong to a run still going elsewhere)."""
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        checkpoints.parent.rmdir()  # the stage's folder, once empty

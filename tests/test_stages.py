@@ -1,0 +1,183 @@
+"""dvc.yaml against the code: every stage tracks exactly the params keys it reads (stages.py), lists every project
+module its command imports (walked statically, imports inside functions included) and the bundled data it reads,
+and runs the command that has its name.
+
+If a test here fails after a change of imports, print what a stage needs with
+`.venv/bin/python tests/test_stages.py STAGE` and update its `deps` in dvc.yaml.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+PACKAGE = "budget_alignment"
+CLI = SRC / PACKAGE / "cli.py"
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of a project module (a package's __init__.py), or None for another package's module."""
+    if module != PACKAGE and not module.startswith(f"{PACKAGE}."):
+        return None
+    base = SRC / module.replace(".", "/")
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def imported_modules(nodes: list[ast.AST], current: str) -> set[str]:
+    """Project modules imported anywhere under `nodes` (`from x import y` counts y when y is a module)."""
+    found: set[str] = set()
+    package = (
+        current if module_file(current) and module_file(current).name == "__init__.py" else current.rpartition(".")[0]
+    )
+    for node in nodes:
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Import):
+                found.update(alias.name for alias in sub.names)
+            elif isinstance(sub, ast.ImportFrom):
+                base = sub.module or ""
+                if sub.level:
+                    parts = package.split(".")[: len(package.split(".")) - sub.level + 1]
+                    base = ".".join([*parts, base] if base else parts)
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in sub.names)
+    return {name for name in found if module_file(name)}
+
+
+def with_parents(modules: set[str]) -> set[str]:
+    """Importing a.b.c runs a/__init__.py and a/b/__init__.py too."""
+    result = set(modules)
+    for module in modules:
+        parts = module.split(".")
+        result.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return result
+
+
+@cache
+def module_closure(module: str) -> frozenset[str]:
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        tree = ast.parse(module_file(current).read_text(encoding="utf-8"))
+        todo.extend(with_parents(imported_modules([tree], current)) - seen)
+    return frozenset(seen)
+
+
+def command_functions() -> dict[str, ast.FunctionDef]:
+    tree = ast.parse(CLI.read_text(encoding="utf-8"))
+    commands = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            for decorator in node.decorator_list:
+                if isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", "") == "command":
+                    commands[decorator.args[0].value] = node
+    return commands
+
+
+def command_modules(command: str) -> set[str]:
+    """What running `budget-align COMMAND` imports: cli.py's module level, the command and the cli functions it calls
+    (their own imports included), and everything those modules import in turn."""
+    tree = ast.parse(CLI.read_text(encoding="utf-8"))
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+    top_level = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+    # The error handling every command runs through.
+    reached, todo = {"OneLineErrors"}, [command_functions()[command].name, "OneLineErrors"]
+    while todo:
+        name = todo.pop()
+        reached.add(name)
+        for sub in ast.walk(functions[name]):
+            if isinstance(sub, ast.Name) and sub.id in functions and sub.id not in reached:
+                todo.append(sub.id)
+    modules = imported_modules([*top_level, *(functions[name] for name in reached)], f"{PACKAGE}.cli")
+    closure = set(module_closure(f"{PACKAGE}.cli")) & {f"{PACKAGE}", f"{PACKAGE}.cli"}
+    for module in with_parents(modules) | {f"{PACKAGE}.cli"}:
+        closure |= module_closure(module) if module != f"{PACKAGE}.cli" else {module, PACKAGE}
+    return closure
+
+
+def needed_files(command: str) -> set[str]:
+    return {str(module_file(m).relative_to(REPO)) for m in command_modules(command)}
+
+
+# --- dvc.yaml as DVC reads it ----------------------------------------------------------------------------------------
+
+
+@cache
+def dvc_stages() -> dict[str, dict]:
+    """Every expanded stage of dvc.yaml: its command, dep paths and params keys."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        stages = {}
+        for stage in repo.index.stages:
+            params = [key for dep in stage.deps if hasattr(dep, "params") for key in (dep.params or [])]
+            deps = [dep.def_path for dep in stage.deps if not hasattr(dep, "params")]
+            stages[stage.addressing] = {"cmd": stage.cmd, "deps": deps, "params": params}
+    return stages
+
+
+def instance_of(name: str, cmd: str) -> tuple[str, dict[str, str]]:
+    """(stage, instance fields) from a DVC stage's command (`budget-align grpo sft ja`)."""
+    from budget_alignment.stages import STAGES
+
+    words = cmd.split()[1:]
+    stage = words[0].replace("-", "_")
+    assert stage in STAGES, f"{name}: `{cmd}` is no stage command"
+    return stage, dict(zip(STAGES[stage].arguments, words[1:], strict=True))
+
+
+def covered(path: str, deps: list[str]) -> bool:
+    return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+def test_every_stage_runs_the_command_of_its_name():
+    for name, stage in dvc_stages().items():
+        kind, _ = instance_of(name, stage["cmd"])
+        assert name.partition("@")[0].removesuffix("_en") == kind, (name, stage["cmd"])
+
+
+@pytest.mark.parametrize("name", sorted(dvc_stages()))
+def test_every_stage_tracks_exactly_the_params_it_reads(name):
+    from budget_alignment.cli import stage_keys
+    from budget_alignment.params import load_params
+
+    stage = dvc_stages()[name]
+    kind, instance = instance_of(name, stage["cmd"])
+    expected = stage_keys(kind, load_params(REPO / "params.yaml"), **instance)
+    assert sorted(stage["params"]) == sorted(expected)
+
+
+@pytest.mark.parametrize("name", sorted(dvc_stages()))
+def test_every_stage_lists_every_module_its_command_imports(name):
+    stage = dvc_stages()[name]
+    needed = needed_files(stage["cmd"].split()[1])
+    listed = {dep for dep in stage["deps"] if dep.startswith("src/") and dep.endswith(".py")}
+    missing = sorted(path for path in needed if not covered(path, stage["deps"]))
+    assert not missing, f"{name}: dvc.yaml misses {missing}"
+    assert not sorted(listed - needed), f"{name}: dvc.yaml lists modules the command does not import"
+
+
+def test_stages_that_read_bundled_sets_depend_on_them():
+    for name, stage in dvc_stages().items():
+        kind, _ = instance_of(name, stage["cmd"])
+        if kind in ("base_model", "ingest", "translate"):
+            assert "src/budget_alignment/data/bundled" in stage["deps"], name
+
+
+if __name__ == "__main__":
+    for command in sys.argv[1:]:
+        print(f"# {command}")
+        print("\n".join(f"      - {path}" for path in sorted(needed_files(command))))
