@@ -530,9 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         n = args.score_cli
         left_out = sorted({name for values in metrics.values() for name in values.get("left_out", [])})
         print(
-            f"\n`budget-align score` on {n:,} completions (one sample per problem, tracking off): {seconds:.2f} s, "
-            f"{n / seconds:,.0f} completions/s, start to end ({cpu:.2f} CPU seconds, load average before "
-            f"{load:.2f}); pass@k left out: {', '.join(left_out) or 'none'}"
+            f"\n`budget-align {score_command()}` on {n:,} completions (one sample per problem, tracking off): "
+            f"{seconds:.2f} s, {n / seconds:,.0f} completions/s, start to end ({cpu:.2f} CPU seconds, load average "
+            f"before {load:.2f}); pass@k left out: {', '.join(left_out) or 'none'}"
         )
     return 0
 
