@@ -48,6 +48,7 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
     overrides = [
         "grpo.clip_high=0.3",
         "grpo.clip_low=0.15",
+        "grpo.num_iterations=3",
         "grpo.beta=0.04",
         "grpo.num_generations=2",
         "grpo.loss_type=dr_grpo",
@@ -71,6 +72,7 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
     expected = {
         "epsilon_high": 0.3,
         "epsilon": 0.15,
+        "num_iterations": 3,
         "beta": 0.04,
         "num_generations": 2,
         "loss_type": "dr_grpo",
@@ -104,9 +106,10 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
 
 
 def test_vllm_settings_reach_trl(tmp_path):
-    params = tiny_params(grpo={"use_vllm": True, "vllm_mode": "server"})
+    url = "http://gpu-node-7:8000"
+    params = tiny_params(grpo={"use_vllm": True, "vllm_mode": "server", "vllm_server_url": url})
     config = config_for(params, tmp_path)
-    assert (config.use_vllm, config.vllm_mode) == (True, "server")
+    assert (config.use_vllm, config.vllm_mode, config.vllm_server_base_url) == (True, "server", url)
     assert config.vllm_max_model_length == params.grpo.max_prompt_length + params.grpo.max_completion_length
 
 

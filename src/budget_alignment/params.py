@@ -362,6 +362,9 @@ class GrpoParams(Section):
     init: list[Literal["base", "sft"]] = ["base", "sft"]
     clip_low: Probability = 0.2
     clip_high: Probability = 0.28
+    # Policy updates per batch of rollouts (TRL's mu). At 1 every update is on-policy: the importance ratio is exactly 1
+    # and the clip bounds never act; they shape the update only from the second pass over the same rollouts.
+    num_iterations: PositiveInt = 1
     beta: Annotated[float, Field(ge=0)] = 0.0
     num_generations: Annotated[int, Field(ge=2)] = 24
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"] = "dapo"
@@ -388,12 +391,17 @@ class GrpoParams(Section):
     logging_steps: PositiveInt = 1
     gradient_checkpointing: bool = False
     use_vllm: bool = False
+    # colocate: a vLLM engine inside each training process (rollouts and training share the GPUs, in turn); server:
+    # `trl vllm-serve` on GPUs of its own at vllm_server_url, for models whose rollouts do not fit beside training.
     vllm_mode: Literal["colocate", "server"] = "colocate"
+    vllm_server_url: str | None = None
 
     @model_validator(mode="after")
     def _clip_order(self) -> GrpoParams:
         if self.clip_high < self.clip_low:
             raise ValueError(f"clip_high: must be >= clip_low ({self.clip_low}), got {self.clip_high}")
+        if self.use_vllm and self.vllm_mode == "server" and not self.vllm_server_url:
+            raise ValueError("vllm_server_url: needed by vllm_mode server (where `trl vllm-serve` listens)")
         if set(self.reward_weights) != {"accuracy", "language", "format"}:
             raise ValueError("reward_weights: needs accuracy, language and format")
         return self

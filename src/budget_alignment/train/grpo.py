@@ -133,6 +133,7 @@ def grpo_config(
         learning_rate=grpo.learning_rate,
         epsilon=grpo.clip_low,
         epsilon_high=grpo.clip_high,
+        num_iterations=grpo.num_iterations,
         beta=grpo.beta,
         num_generations=grpo.num_generations,
         loss_type=grpo.loss_type,
@@ -148,6 +149,7 @@ def grpo_config(
         max_steps=grpo.max_steps,
         use_vllm=grpo.use_vllm,
         vllm_mode=grpo.vllm_mode,
+        vllm_server_base_url=grpo.vllm_server_url if grpo.vllm_mode == "server" else None,
         vllm_max_model_length=grpo.max_prompt_length + grpo.max_completion_length if grpo.use_vllm else None,
     )
 
