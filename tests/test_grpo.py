@@ -20,6 +20,7 @@ from test_train_helpers import (
     FAST_SFT,
     composed,
     enter_project,
+    make_project,
     problems,
     tiny_model,
     tiny_params,
@@ -103,6 +104,16 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (12, params.grpo.lora.alpha, params.grpo.lora.dropout)
 
 
+def test_a_language_may_replace_reward_weights(tmp_path):
+    # The post's correctness-first Spanish, as `dvc exp run -S '+grpo.reward_weights.es={...}'` writes it.
+    params = Params.model_validate(yaml.safe_load(composed("+grpo.reward_weights.es={accuracy:1.0,language:0.1}")))
+    assert params.grpo.reward_names() == ["accuracy", "language", "format"]
+    spanish = grpo.grpo_config(params.grpo, stage="grpo@sft-es", compute=params.compute, seed=params.seed,
+                               output_dir=tmp_path, report_to="none", lang="es")  # fmt: skip
+    assert spanish.reward_weights == [1.0, 0.1, 0.2]
+    assert config_for(params, tmp_path).reward_weights == [1.0, 0.2, 0.2]  # every other language
+
+
 def test_vllm_settings_reach_trl(tmp_path):
     params = tiny_params(grpo={"use_vllm": True, "vllm_mode": "server"})
     config = config_for(params, tmp_path)
@@ -145,6 +156,47 @@ def test_the_dataset_carries_what_the_rewards_read_and_drops_prompts_too_long():
     assert len(grpo.grpo_dataset(items, tokenizer, PromptParams(), lengths[1])) == 2
     with pytest.raises(setup.TrainingError, match="max_prompt_length"):
         grpo.grpo_dataset(items, tokenizer, PromptParams(), 3)
+
+
+def stand_in(name: str, measure):
+    """A reward registered under `name` that varies between a random model's completions (the real ones are flat)."""
+
+    def factory(scoring):
+        def reward(completions, **_):
+            return [float(measure(rewards.completion_text(completion))) for completion in completions]
+
+        reward.__name__ = name
+        return reward
+
+    return factory
+
+
+def trained_adapter(params: Params, init: str, lang: str, monkeypatch) -> tuple[dict, object]:
+    """Run the grpo stage; the adapter it wrote and the trainer that wrote it."""
+    made = []
+    make = grpo.make_grpo_trainer
+    monkeypatch.setattr(
+        grpo, "make_grpo_trainer", lambda *args, **kwargs: made.append(make(*args, **kwargs)) or made[-1]
+    )
+    grpo.train_grpo(params, init, lang)
+    return load_file(paths.model_dir(grpo.model_name(init, lang)) / "adapter_model.safetensors"), made[0]
+
+
+@pytest.mark.slow
+def test_spanish_weights_change_the_logged_weights_and_the_trained_adapter(project, monkeypatch):
+    make_project(project, langs=("es",))
+    # Two rewards that vary differently, so that their relative weights change the advantages' direction.
+    monkeypatch.setitem(rewards.REWARDS, "accuracy", stand_in("accuracy", len))
+    monkeypatch.setitem(rewards.REWARDS, "language", stand_in("language", lambda text: len(set(text))))
+    settings = FAST_GRPO | {"prompts_per_step": 2, "per_device_batch_size": 4}
+    recipe, recipe_trainer = trained_adapter(tiny_params(grpo=settings), "base", "es", monkeypatch)
+    weights = {"accuracy": 1.0, "language": 0.2, "format": 0.2, "es": {"accuracy": 1.0, "language": 0.1}}
+    spanish, spanish_trainer = trained_adapter(tiny_params(grpo=settings | {"reward_weights": weights}), "base", "es",
+                                               monkeypatch)  # fmt: skip
+    assert recipe_trainer.args.reward_weights == [1.0, 0.2, 0.2]
+    assert spanish_trainer.args.reward_weights == [1.0, 0.1, 0.2]
+    assert recipe.keys() == spanish.keys()
+    assert max((recipe[name] - spanish[name]).abs().max().item() for name in recipe) > 1e-4
 
 
 def test_tokens_generated_add_up_every_logged_generation():

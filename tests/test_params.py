@@ -74,6 +74,11 @@ INVALID = [
     ({"grpo.num_generations": 1}, "grpo.num_generations"),
     ({"grpo.loss_type": "ppo"}, "grpo.loss_type"),
     ({"grpo.reward_weights": {"accuracy": 1.0}}, "grpo.reward_weights"),
+    # Per-language weights: a language of the run, replacing rewards that every language weighs.
+    ({"grpo.reward_weights.de": {"accuracy": 1.0}}, "grpo.reward_weights.de"),
+    ({"grpo.reward_weights.es": {"speed": 1.0}}, "grpo.reward_weights.es.speed"),
+    ({"grpo.reward_weights.es": {"medical": 0.5}}, "grpo.reward_weights.es.medical"),
+    ({"grpo.reward_weights.length": 0.5}, "grpo.reward_weights.length"),
     ({"grpo.unknown_knob": 1}, "grpo.unknown_knob"),
     ({"evaluation.k": [1, 50]}, "evaluation.k"),
     ({"evaluation.n": 0}, "evaluation.n"),

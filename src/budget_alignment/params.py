@@ -348,6 +348,12 @@ class PromptParams(Section):
     think_prefix: bool = False
 
 
+# The GRPO rewards, by the names `grpo.reward_weights` gives them (train/rewards.py registers a function under each).
+# The recipe's three are weighed in every run; `medical` (the medical reward head) joins when it is given a weight.
+REWARD_NAMES = ("accuracy", "language", "format", "medical")
+RECIPE_REWARDS = ("accuracy", "language", "format")
+
+
 class GrpoParams(Section):
     # The math problems GRPO trains on (a dataset with role `grpo`), in the stage's language.
     dataset: str = "math"
@@ -360,7 +366,9 @@ class GrpoParams(Section):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     learning_rate: Annotated[float, Field(gt=0)] = 1e-5
     lora: LoraParams = LoraParams(r=8, alpha=16)
-    reward_weights: dict[Literal["accuracy", "language", "format"], float] = {
+    # Reward name -> weight, in every language; the reward functions run in this order. A language code maps to the
+    # weights that language replaces (the post's correctness-first Spanish: `es: {accuracy: 1.0, language: 0.1}`).
+    reward_weights: dict[str, float | dict[str, float]] = {
         "accuracy": 1.0,
         "language": 0.2,
         "format": 0.2,
@@ -383,12 +391,48 @@ class GrpoParams(Section):
     vllm_mode: Literal["colocate", "server"] = "colocate"
 
     @model_validator(mode="after")
-    def _clip_order(self) -> GrpoParams:
+    def _rules(self) -> GrpoParams:
         if self.clip_high < self.clip_low:
             raise ValueError(f"clip_high: must be >= clip_low ({self.clip_low}), got {self.clip_high}")
-        if set(self.reward_weights) != {"accuracy", "language", "format"}:
+        names = self.reward_names()
+        if not set(RECIPE_REWARDS) <= set(names):
             raise ValueError("reward_weights: needs accuracy, language and format")
+        errors = []
+        for key, value in self.reward_weights.items():
+            if not isinstance(value, dict):
+                if key not in REWARD_NAMES:
+                    errors.append(
+                        f"reward_weights.{key}: not a reward ({', '.join(REWARD_NAMES)}) nor a language code"
+                    )
+                continue
+            if not re.fullmatch(r"[a-z]{2}", key):
+                errors.append(f"reward_weights.{key}: a language's weights are keyed by its code (es, ja, ...)")
+            for name in value:
+                if name not in names:
+                    errors.append(
+                        f"reward_weights.{key}.{name}: not one of the rewards weighed in every language "
+                        f"({', '.join(names)}); give it a weight there first (0 elsewhere)"
+                    )
+        if errors:
+            raise ValueError("\n".join(errors))
         return self
+
+    def reward_names(self) -> list[str]:
+        """The rewards of the run, in the order of their functions (the keys that are not languages)."""
+        return list(self.reward_weights_for(None))
+
+    def language_reward_weights(self) -> dict[str, dict[str, float]]:
+        """The languages that replace some weights, and those weights."""
+        return {key: value for key, value in self.reward_weights.items() if isinstance(value, dict)}
+
+    def reward_weights_for(self, lang: str | None) -> dict[str, float]:
+        """Every reward's weight in `lang` (None: the weights of every language), in the order of the rewards."""
+        replaced = self.language_reward_weights().get(lang, {}) if lang else {}
+        return {
+            name: replaced.get(name, weight)
+            for name, weight in self.reward_weights.items()
+            if not isinstance(weight, dict)
+        }
 
 
 class SftParams(TrainingParams):
@@ -559,6 +603,11 @@ class Params(Section):
             self._check_dataset_role(errors, "evaluation.datasets", name, "eval")
         if not any(d.role == "grpo" for d in self.datasets.values()):
             errors.append("datasets: one dataset needs role `grpo` (the GRPO problems)")
+        for lang in self.grpo.language_reward_weights():
+            if lang not in self.languages:
+                errors.append(
+                    f"grpo.reward_weights.{lang}: {lang!r} is not in languages ({', '.join(self.languages)})"
+                )
         unknown_norm = sorted(set(self.normalize) - set(self.languages) - {"en"})
         if unknown_norm:
             errors.append(f"normalize: {unknown_norm} not in languages")

@@ -7,7 +7,8 @@
   fresh `grpo.lora` adapter, whose recorded parent is that SFT model.
 
 Every `grpo.*` param maps one to one to a `GRPOConfig` field (`grpo_config`; `clip_low` -> `epsilon`, `clip_high`
--> `epsilon_high`, `reward_weights` -> the weights of the reward functions in the same order). The rewards are
+-> `epsilon_high`, `reward_weights` -> the weights of the reward functions in the same order, with the weights the
+stage's language replaces, if any). The rewards are
 `rewards.py`'s wrappers over the scoring code. Prompts are `prompts.generation_prompt`: the chat up to an opened
 `<think>`, so completions are "reasoning </think> answer". Prompts longer than `grpo.max_prompt_length` tokens are
 left out (TRL no longer truncates prompts; a truncated question would be a wrong question).
@@ -112,8 +113,9 @@ def grpo_config(
     seed: int,
     output_dir: Path,
     report_to: str | list[str],
+    lang: str | None = None,
 ) -> GRPOConfig:
-    """`grpo.*` as TRL's GRPOConfig, one field per param (reward weights in the order of `reward_weights`)."""
+    """`grpo.*` as TRL's GRPOConfig, one field per param; the reward weights of `lang`, in the order of the rewards."""
     from trl import GRPOConfig
 
     batch = setup.batch_plan(
@@ -137,7 +139,7 @@ def grpo_config(
         num_generations=grpo.num_generations,
         loss_type=grpo.loss_type,
         scale_rewards=grpo.scale_rewards,
-        reward_weights=list(grpo.reward_weights.values()),
+        reward_weights=list(grpo.reward_weights_for(lang).values()),
         temperature=grpo.temperature,
         top_p=grpo.top_p,
         max_completion_length=grpo.max_completion_length,
@@ -248,8 +250,9 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
         seed=params.seed,
         output_dir=checkpoint_dir,
         report_to=setup.report_to(run),
+        lang=lang,
     )
-    names = list(settings.reward_weights)
+    names = settings.reward_names()
     trainer = make_grpo_trainer(
         policy.model, tokenizer, dataset, config, rewards.build_rewards(names, params.scoring), policy.peft_config
     )
