@@ -152,6 +152,7 @@ def test_the_dataset_carries_what_the_rewards_read_and_drops_prompts_too_long():
     row = dataset[0]
     assert row["prompt"].endswith("<|im_start|>assistant\n<think>\n") and items[0].question in row["prompt"]
     assert (row["answer"], row["answer_type"], row["lang"], row["choices"]) == (items[0].answer, "math", "fr", "")
+    assert row["domain"] == "math"  # a plain problem: the recipe's math-only GRPO
     lengths = sorted(len(tokenizer(r["prompt"])["input_ids"]) for r in dataset)
     assert len(grpo.grpo_dataset(items, tokenizer, PromptParams(), lengths[1])) == 2
     with pytest.raises(setup.TrainingError, match="max_prompt_length"):
@@ -197,6 +198,24 @@ def test_spanish_weights_change_the_logged_weights_and_the_trained_adapter(proje
     assert spanish_trainer.args.reward_weights == [1.0, 0.1, 0.2]
     assert recipe.keys() == spanish.keys()
     assert max((recipe[name] - spanish[name]).abs().max().item() for name in recipe) > 1e-4
+
+
+@pytest.mark.slow
+def test_a_medical_mixture_is_judged_by_the_medical_head(project, monkeypatch):
+    from budget_alignment.records import write_records
+    from budget_alignment.train import grpo_data
+
+    write_records(paths.normalized("medicine_train", "ja"), problems("medicine_train", "ja"))
+    weights = {"accuracy": 1.0, "language": 0.2, "format": 0.2, "medical": 0.2}
+    shares = {"math": {"weight": 0.0, "domain": "math"}, "medicine_train": {"weight": 1.0, "domain": "medical"}}
+    params = tiny_params(grpo=FAST_GRPO | {"datasets": shares, "reward_weights": weights})
+    grpo_data.gather_grpo_problems(params, "ja")
+    _, trainer = trained_adapter(params, "base", "ja", monkeypatch)
+    assert set(trainer.train_dataset["domain"]) == {"medical"} and trainer.args.reward_weights == [1.0, 0.2, 0.2, 0.2]
+    logged = [entry["rewards/medical/mean"] for entry in trainer.state.log_history if "rewards/medical/mean" in entry]
+    assert logged and all(0.0 <= value <= 1.0 for value in logged)
+    metrics = json.loads(paths.training_metrics_file(grpo.stage_name("base", "ja")).read_text())
+    assert set(metrics["rewards"]) == {"accuracy", "language", "format", "medical", "total"}
 
 
 def test_tokens_generated_add_up_every_logged_generation():

@@ -253,13 +253,24 @@ def sft(lang: Lang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
     )
 
 
+@app.command("grpo-data")
+def grpo_data(lang: Lang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage grpo_data@LANG: GRPO's prompts in LANG, the mixture of grpo.datasets with each one's domain."""
+    params = load(params_file)
+    require_language(params, lang)
+    with tracked_stage("grpo_data", params, lang=lang) as run:
+        from budget_alignment.train.grpo_data import gather_grpo_problems
+
+        gather_grpo_problems(params, lang, run)
+
+
 @app.command("grpo")
 def grpo(
     init: Annotated[str, typer.Argument(help="Where the policy starts: base or sft.")],
     lang: Lang,
     params_file: ParamsFile = DEFAULT_PARAMS,
 ) -> None:
-    """Stage grpo@INIT-LANG: GRPO on the math problems of LANG from the base or the SFT model of LANG."""
+    """Stage grpo@INIT-LANG: GRPO on the prompts of LANG (grpo_data@LANG) from the base or the SFT model of LANG."""
     from budget_alignment.train import grpo as training
 
     params = load(params_file)

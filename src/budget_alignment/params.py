@@ -354,9 +354,25 @@ REWARD_NAMES = ("accuracy", "language", "format", "medical")
 RECIPE_REWARDS = ("accuracy", "language", "format")
 
 
+# The domains a GRPO example may belong to: the rewards judge an example by its domain (the medical reward head judges
+# medical examples only), and each domain takes the answer kinds of `DOMAIN_ANSWER_TYPES`.
+DOMAIN_ANSWER_TYPES: dict[str, tuple[str, ...]] = {"math": ("math", "choice"), "medical": ("choice",)}
+
+
+class GrpoDatasetParams(Section):
+    """One dataset of GRPO's prompts: its share of them and the domain its examples carry."""
+
+    # Relative to the other datasets' weights (normalized). 0: not used.
+    weight: Annotated[float, Field(ge=0)] = 1.0
+    domain: Literal["math", "medical"] = "math"
+
+
 class GrpoParams(Section):
-    # The math problems GRPO trains on (a dataset with role `grpo`), in the stage's language.
-    dataset: str = "math"
+    # The problems GRPO trains on, in the stage's language: datasets with role `grpo` and their weights. The first
+    # with a positive weight is taken whole, once; each other fills its share of the mixture (weights normalized),
+    # taking a seeded sample of its problems or, when its share asks for more than it holds, replaying them. The
+    # paper: MATH-500 alone. The post's mixed-objective batches, replaying medical exemplars: a medical set beside it.
+    datasets: dict[str, GrpoDatasetParams] = {"math": GrpoDatasetParams()}
     init: list[Literal["base", "sft"]] = ["base", "sft"]
     clip_low: Probability = 0.2
     clip_high: Probability = 0.28
@@ -394,6 +410,8 @@ class GrpoParams(Section):
     def _rules(self) -> GrpoParams:
         if self.clip_high < self.clip_low:
             raise ValueError(f"clip_high: must be >= clip_low ({self.clip_low}), got {self.clip_high}")
+        if not any(dataset.weight > 0 for dataset in self.datasets.values()):
+            raise ValueError("datasets: give at least one dataset a weight above 0")
         names = self.reward_names()
         if not set(RECIPE_REWARDS) <= set(names):
             raise ValueError("reward_weights: needs accuracy, language and format")
@@ -603,6 +621,8 @@ class Params(Section):
             self._check_dataset_role(errors, "evaluation.datasets", name, "eval")
         if not any(d.role == "grpo" for d in self.datasets.values()):
             errors.append("datasets: one dataset needs role `grpo` (the GRPO problems)")
+        for name in self.grpo.datasets:
+            self._check_dataset_role(errors, f"grpo.datasets.{name}", name, "grpo")
         for lang in self.grpo.language_reward_weights():
             if lang not in self.languages:
                 errors.append(

@@ -78,6 +78,11 @@ def normalized(dataset: str, lang: str) -> Path:
     return data_dir() / "normalized" / dataset / f"{lang}.jsonl"
 
 
+def grpo_problems(lang: str) -> Path:
+    """GRPO's prompts in one language: the mixture of `grpo.datasets`, each problem with its domain."""
+    return data_dir() / "grpo" / f"{lang}.jsonl"
+
+
 # --- evaluation ----------------------------------------------------------------------------------------------------
 
 

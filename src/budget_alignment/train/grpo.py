@@ -1,4 +1,5 @@
-"""Stage `grpo@{init}-{lang}`: GRPO (TRL GRPOTrainer) on the normalized math problems of one language.
+"""Stage `grpo@{init}-{lang}`: GRPO (TRL GRPOTrainer) on the prompts of one language (`grpo_data@{lang}`: the math
+problems, or the mixture of `grpo.datasets`, each with its domain).
 
 `init` is where the policy starts:
 - `base`: a fresh LoRA (`grpo.lora`) on the base model;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from budget_alignment import loading, paths, prompts
 from budget_alignment.params import ComputeParams, GrpoParams, Params, PromptParams
-from budget_alignment.records import Problem
+from budget_alignment.records import GrpoProblem, Problem
 from budget_alignment.tracking import StageRun
 from budget_alignment.train import checkpoints, outputs, rewards
 from budget_alignment.train import trainer_setup as setup
@@ -59,23 +61,13 @@ def model_name(init: str, lang: str) -> str:
     return f"grpo_{init}-{lang}"
 
 
-def problems_dataset(params: Params) -> str:
-    """The dataset GRPO trains on (`grpo.dataset`), which must be one with role `grpo`."""
-    name = params.grpo.dataset
-    if name not in params.datasets_with_role("grpo"):
-        raise setup.TrainingError(
-            f"grpo.dataset: {name!r} is not a dataset with role grpo ({', '.join(params.datasets_with_role('grpo'))})"
-        )
-    return name
-
-
 def grpo_dataset(
     problems: Sequence[Problem],
     tokenizer: PreTrainedTokenizerBase,
     settings: PromptParams,
     max_prompt_length: int,
 ) -> Dataset:
-    """One row per problem: the prompt and the columns the rewards read."""
+    """One row per problem: the prompt and the columns the rewards read (a plain Problem is of the math domain)."""
     from datasets import Dataset
 
     rows = []
@@ -89,6 +81,7 @@ def grpo_dataset(
                 "choices": json.dumps(problem.choices, ensure_ascii=False) if problem.choices else "",
                 "lang": problem.lang,
                 "id": problem.id,
+                "domain": problem.domain if isinstance(problem, GrpoProblem) else "math",
             }
         )
     lengths = [len(ids) for ids in tokenizer([row["prompt"] for row in rows])["input_ids"]]
@@ -213,10 +206,13 @@ def tokens_generated(log_history: Sequence[Mapping[str, Any]], generation_batch_
 
 
 def reward_means(log_history: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, float]:
-    """The mean of each reward (and of the weighted total) over the logged steps."""
+    """The mean of each reward (and of the weighted total) over the logged steps.
+
+    A reward that judges some examples only (the medical head) is NaN in a step without them: such steps are left out.
+    """
     means = {}
     for name, key in [*((n, f"rewards/{n}/mean") for n in names), ("total", "reward")]:
-        values = [entry[key] for entry in log_history if key in entry]
+        values = [entry[key] for entry in log_history if key in entry and math.isfinite(entry[key])]
         if values:
             means[name] = round(fmean(values), 6)
     return means
@@ -226,9 +222,8 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
     """The `grpo@{init}-{lang}` stage: train the policy on the math problems of `lang`, write model and metrics."""
     stage = stage_name(init, lang)
     settings = params.grpo
-    dataset_name = problems_dataset(params)
-    data = paths.normalized(dataset_name, lang)
-    problems = setup.read_problems(data, f"grpo dataset {dataset_name!r} ({lang})")
+    data = paths.grpo_problems(lang)
+    problems = setup.read_problems(data, f"GRPO prompts ({lang})", GrpoProblem, f"grpo_data@{lang}")
     policy = load_policy(params, init, lang)
     tokenizer = loading.load_model_tokenizer(policy.start, params)
     setup.apply_compute(params.compute)
