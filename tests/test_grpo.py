@@ -218,6 +218,83 @@ def test_a_medical_mixture_is_judged_by_the_medical_head(project, monkeypatch):
     assert set(metrics["rewards"]) == {"accuracy", "language", "format", "medical", "total"}
 
 
+def reference_trainer(params: Params, init: str, tmp_path: Path):
+    """The grpo stage's trainer with its KL reference set up as the stage sets it (no training)."""
+    from budget_alignment import loading
+
+    policy = grpo.load_policy(params, init, "ja")
+    tokenizer = loading.load_model_tokenizer(policy.start, params)
+    dataset = grpo.grpo_dataset(problems("math", "ja", 4), tokenizer, PromptParams(), 256)
+    reward_functions = rewards.build_rewards(params.grpo.reward_names(), params.scoring)
+    trainer = grpo.make_grpo_trainer(
+        policy.model, tokenizer, dataset, config_for(params, tmp_path), reward_functions, policy.peft_config
+    )
+    return trainer, grpo.use_reference(trainer, policy, grpo.reference_dir(params, "ja"), params)
+
+
+def adapter_weights(model, adapter: str) -> dict[str, torch.Tensor]:
+    """An adapter's weights by PEFT's saved names (`...lora_A.weight`)."""
+    tag = f".{adapter}."
+    return {name.replace(tag, "."): p for name, p in model.named_parameters() if tag in name}
+
+
+# (init, reference, how TRL gets there, whether a frozen `ref` adapter holds the SFT adapter)
+REFERENCES = [
+    ("base", "base", "TRL's own reference", False),
+    ("base", "sft", "a frozen adapter", True),
+    ("sft", "sft", "TRL's own reference", True),
+    ("sft", "base", "the LoRA disabled", False),
+]
+
+
+@pytest.fixture(scope="module")
+def with_lora_sft(tmp_path_factory):
+    """A tiny project with a LoRA SFT model in Japanese (trained once for the module's tests)."""
+    root = tmp_path_factory.mktemp("lora_sft")
+    with pytest.MonkeyPatch.context() as patch:
+        enter_project(root, patch)
+        sft.train_sft(tiny_params(sft=FAST_SFT), "ja")
+    return root
+
+
+@pytest.mark.parametrize(("init", "reference", "how", "sft_as_ref"), REFERENCES)
+def test_the_kl_reference_is_the_model_params_name(with_lora_sft, monkeypatch, init, reference, how, sft_as_ref):
+    monkeypatch.chdir(with_lora_sft)
+    params = tiny_params(sft=FAST_SFT, grpo=FAST_GRPO | {"beta": 0.1, "reference": reference})
+    trainer, described = reference_trainer(params, init, with_lora_sft / "checkpoints")
+    assert described.startswith(how) and trainer.ref_model is None
+    model = trainer.model
+    assert ("ref" in model.peft_config) is sft_as_ref
+    if sft_as_ref:
+        saved = load_file(paths.model_dir("sft-ja") / "adapter_model.safetensors")
+        ref = adapter_weights(model, "ref")
+        assert ref.keys() == saved.keys()
+        assert all(torch.equal(ref[name], saved[name]) and not ref[name].requires_grad for name in saved)
+    assert all(p.requires_grad for p in adapter_weights(model, "default").values())
+
+
+def test_a_whole_sft_model_as_reference_is_a_separate_model(project, tmp_path):
+    params = tiny_params(sft=FAST_SFT | {"use_lora": False}, grpo=FAST_GRPO | {"beta": 0.1, "reference": "sft"})
+    sft.train_sft(params, "ja")
+    trainer, described = reference_trainer(params, "base", tmp_path)
+    assert described == "a separate reference model" and "ref" not in trainer.model.peft_config
+    saved = load_file(paths.model_dir("sft-ja") / "model.safetensors")
+    live = trainer.ref_model.state_dict()
+    assert all(torch.equal(live[name], tensor) for name, tensor in saved.items() if name in live)
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+
+
+@pytest.mark.slow
+def test_with_beta_the_stage_logs_the_kl_toward_its_reference(project):
+    params = tiny_params(sft=FAST_SFT, grpo=FAST_GRPO | {"beta": 0.1, "reference": "sft"})
+    sft.train_sft(params, "ja")
+    metrics = grpo.train_grpo(params, "base", "ja")
+    assert metrics["reference"] == "data/models/sft/ja" and metrics["kl"] is not None and metrics["kl"] >= 0
+    out = paths.model_dir("grpo_base-ja")
+    assert not (out / "ref").exists()  # the frozen reference adapter is not published
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "data/models/base"
+
+
 def test_tokens_generated_add_up_every_logged_generation():
     history = [
         {"step": 1, "completions/mean_length": 10.0},

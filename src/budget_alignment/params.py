@@ -376,7 +376,10 @@ class GrpoParams(Section):
     init: list[Literal["base", "sft"]] = ["base", "sft"]
     clip_low: Probability = 0.2
     clip_high: Probability = 0.28
+    # The KL term's weight, and the model it pulls the policy toward: `base`, or `sft` (the SFT model of the stage's
+    # language). Unused at beta 0 (the recipe).
     beta: Annotated[float, Field(ge=0)] = 0.0
+    reference: Literal["base", "sft"] = "base"
     num_generations: Annotated[int, Field(ge=2)] = 24
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"

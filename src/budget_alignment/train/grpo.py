@@ -14,8 +14,15 @@ stage's language replaces, if any). The rewards are
 `<think>`, so completions are "reasoning </think> answer". Prompts longer than `grpo.max_prompt_length` tokens are
 left out (TRL no longer truncates prompts; a truncated question would be a wrong question).
 
+With `grpo.beta` > 0 the loss has a KL term toward `grpo.reference` (the base, or the SFT model of the language),
+through TRL's own reference mechanisms where they reach it (`use_reference`): the LoRA disabled (its parent model), or
+a frozen adapter named `ref` beside the trained one (TRL's copy of a continued adapter, or the SFT adapter loaded under
+that name); a whole model other than the policy's parent (the base, for a LoRA on a fully fine-tuned SFT model) is
+loaded as TRL's separate `ref_model`.
+
 Output: `data/models/grpo_{init}/{lang}/`, an adapter folder like SFT's (see `sft.py`); metrics, with the mean of
-each reward over the run and the tokens generated, in `reports/train/grpo@{init}-{lang}.json`.
+each reward over the run and the tokens generated (and with beta > 0 the reference and the mean KL), in
+`reports/train/grpo@{init}-{lang}.json`.
 """
 
 from __future__ import annotations
@@ -169,6 +176,53 @@ def load_policy(params: Params, init: Init, lang: str) -> Policy:
     return Policy(loading.load_model(folder, params), setup.lora_config(params.grpo.lora), folder, folder)
 
 
+def reference_dir(params: Params, lang: str) -> Path:
+    """The model the KL term pulls toward (`grpo.reference`)."""
+    if params.grpo.reference == "base":
+        return paths.base_model_dir()
+    return setup.require_model(paths.model_dir(f"sft-{lang}"), f"sft@{lang} model (grpo.reference)")
+
+
+REFERENCE_ADAPTER = "ref"  # the name TRL gives (and looks for) the frozen reference adapter
+
+
+def use_reference(trainer: GRPOTrainer, policy: Policy, reference: Path, params: Params) -> str:
+    """Make the KL term pull toward `reference`; how, in words.
+
+    Before this, TRL's reference is the model the policy starts from: a fresh LoRA disabled (its parent), or a frozen
+    copy named `ref` of the adapter it continues. The policy is always a LoRA (`trainer.model` a PeftModel).
+    """
+    model = trainer.model
+    copied = REFERENCE_ADAPTER in model.peft_config
+    if Path(reference) == (policy.start if copied else policy.parent):
+        return "TRL's own reference: the model the policy starts from"
+    if Path(reference) == policy.parent:
+        model.delete_adapter(REFERENCE_ADAPTER)  # TRL then disables the LoRA: the parent model
+        return "the LoRA disabled (its parent model)"
+    if loading.is_adapter(reference) and loading.adapter_parent(reference) == policy.parent:
+        if copied:
+            model.delete_adapter(REFERENCE_ADAPTER)
+        loading.require_safetensors(reference)
+        model.load_adapter(str(reference), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        return "a frozen adapter on the policy's parent model"
+    # Another whole model: TRL's separate reference model, prepared as TRL prepares its own.
+    from trl.trainer.utils import disable_dropout_in_model
+
+    separate = loading.load_model(reference, params).eval()
+    separate.requires_grad_(False)
+    if trainer.args.disable_dropout:
+        disable_dropout_in_model(separate)
+    trainer.ref_model = trainer.accelerator.prepare_model(separate, evaluation_mode=True)
+    return "a separate reference model"
+
+
+def drop_reference_adapter(trainer: GRPOTrainer) -> None:
+    """The trained adapter is published alone (PEFT would save the frozen `ref` beside it)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REFERENCE_ADAPTER)
+
+
 def make_grpo_trainer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -228,6 +282,7 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
     tokenizer = loading.load_model_tokenizer(policy.start, params)
     setup.apply_compute(params.compute)
     dataset = grpo_dataset(problems, tokenizer, params.prompts, settings.max_prompt_length)
+    reference = reference_dir(params, lang) if settings.beta > 0 else None
     digest = checkpoints.fingerprint(
         stage,
         settings.model_dump(mode="json"),
@@ -236,6 +291,7 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
         params.seed,
         data,
         policy.start,
+        *([reference] if reference else []),
     )
     checkpoint_dir = checkpoints.checkpoint_dir(stage, digest)
     config = grpo_config(
@@ -251,6 +307,9 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
     trainer = make_grpo_trainer(
         policy.model, tokenizer, dataset, config, rewards.build_rewards(names, params.scoring), policy.peft_config
     )
+    if reference is not None:
+        log.info("%s: KL (beta %s) toward %s: %s", stage, settings.beta, reference,
+                 use_reference(trainer, policy, reference, params))  # fmt: skip
     resumed_from = checkpoints.train_resumably(trainer, checkpoint_dir)
     if run is not None and resumed_from is not None:
         run.add_budget(resumed_from_step=resumed_from)  # a fact of this run, not of its inputs
@@ -260,6 +319,10 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
         "tokens_generated": tokens_generated(history, config.generation_batch_size),
         "rewards": reward_means(history, names),
     }
+    if reference is not None:
+        kl = [entry["kl"] for entry in history if "kl" in entry and math.isfinite(entry["kl"])]
+        metrics |= {"reference": reference.as_posix(), "kl": round(fmean(kl), 6) if kl else None}
+    drop_reference_adapter(trainer)
     outputs.publish_model(trainer, tokenizer, paths.model_dir(model_name(init, lang)), parent=policy.parent)
     outputs.write_metrics(trainer, stage, metrics)
     if trainer.is_world_process_zero():
