@@ -29,6 +29,7 @@ from budget_alignment.data.sources import load_source
 from budget_alignment.params import load_params
 from budget_alignment.records import Problem, read_records, write_records
 from budget_alignment.train.grpo_data import mix
+from budget_alignment.train.outputs import publish_switched_off
 
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_BOUND_S = 12 * 60
@@ -57,6 +58,7 @@ def write_data(workdir: Path, params_file: Path) -> None:
     for lang in params.languages:
         problems = {name: read_records(workdir / paths.normalized(name, lang), Problem) for name in grpo_sets}
         write_records(workdir / paths.grpo_problems(lang), mix(problems, grpo_sets, params.seed))
+        publish_switched_off(workdir / paths.model_dir(f"topup-{lang}"))  # no top-up: GRPO-from-SFT starts from SFT
 
 
 def stages(params_file: Path) -> list[tuple[str, list[str]]]:

@@ -145,6 +145,7 @@ FAST_SFT = {
     "save_steps": 1,
     "logging_steps": 1,
 }
+FAST_TOPUP = FAST_SFT | {"max_steps": 1}
 FAST_GRPO = {
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
     "learning_rate": 1e-2,
@@ -161,10 +162,13 @@ FAST_GRPO = {
 
 
 def make_project(root: Path, langs: tuple[str, ...] = ("ja",), limit: int = 6) -> None:
-    """A project folder with a tiny base model and the normalized chains and math problems of `langs`, and GRPO's
-    prompts (the math problems, as grpo_data@{lang} writes them for the recipe)."""
+    """A project folder with a tiny base model and the normalized chains and math problems of `langs`, and what the
+    recipe's topup@{lang} and grpo_data@{lang} write: no top-up (the marker), GRPO's prompts the math problems."""
+    from budget_alignment.train import outputs
+
     save_tiny_model(root / paths.base_model_dir())
     for lang in langs:
+        outputs.publish_switched_off(root / paths.model_dir(f"topup-{lang}"))
         write_records(root / paths.normalized("chains", lang), problems("chains", lang, limit))
         write_records(root / paths.normalized("math", lang), problems("math", lang, limit))
         write_records(

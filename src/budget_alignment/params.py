@@ -460,6 +460,19 @@ class SftParams(TrainingParams):
     dataset: str = "chains"
 
 
+class TopupParams(TrainingParams):
+    """The post's targeted SFT top-up: SFT continued on a small math-dense set before GRPO-from-SFT, per language.
+
+    An SFT adapter is trained further (`lora` does not apply to it); a whole SFT model gets a LoRA (`use_lora`) or is
+    fine-tuned whole. GRPO-from-SFT of a topped-up language starts from the top-up.
+    """
+
+    # The languages topped up (the post: Japanese and Spanish); none: off, and every topup@{lang} writes a marker.
+    languages: list[LangCode] = []
+    # A dataset with role `sft` and worked solutions.
+    dataset: str = "topup_math"
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """What a mergekit method needs of `merge.members` (the one place that says so; merge.py builds on it).
@@ -586,6 +599,7 @@ class Params(Section):
     prompts: PromptParams = PromptParams()
     scoring: ScoringParams = ScoringParams()
     sft: SftParams = SftParams()
+    topup: TopupParams = TopupParams()
     grpo: GrpoParams = GrpoParams()
     merge: MergeParams = MergeParams()
     evaluation: EvaluationParams
@@ -616,6 +630,11 @@ class Params(Section):
             if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
                 errors.append(f"datasets.{name}: dataset names are lowercase identifiers")
         self._check_dataset_role(errors, "sft.dataset", self.sft.dataset, "sft")
+        # topup@{lang} depends on its dataset's files whether it is on or not.
+        self._check_dataset_role(errors, "topup.dataset", self.topup.dataset, "sft")
+        for lang in self.topup.languages:
+            if lang not in self.languages:
+                errors.append(f"topup.languages: {lang!r} is not in languages ({', '.join(self.languages)})")
         if self.base_model.reasoning_prior:
             self._check_dataset_role(
                 errors, "base_model.reasoning_prior.dataset", self.base_model.reasoning_prior.dataset, "sft"
@@ -691,6 +710,8 @@ def global_batches(params: Params) -> dict[str, int]:
         "sft.batch_size": params.sft.batch_size,
         "grpo.prompts_per_step": params.grpo.prompts_per_step * params.grpo.num_generations,
     }
+    if params.topup.languages:
+        batches["topup.batch_size"] = params.topup.batch_size
     if params.base_model.reasoning_prior:
         batches["base_model.reasoning_prior.training.batch_size"] = (
             params.base_model.reasoning_prior.training.batch_size

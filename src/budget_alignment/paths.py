@@ -34,14 +34,15 @@ def base_model_dir() -> Path:
 
 
 def model_dir(name: str) -> Path:
-    """`base`, `merge`, `sft-ja`, `grpo_sft-fr` -> data/models/base, .../merge, .../sft/ja, .../grpo_sft/fr.
+    """`base`, `merge`, `sft-ja`, `topup-ja`, `grpo_sft-fr` -> data/models/base, .../merge, .../sft/ja, .../topup/ja,
+    .../grpo_sft/fr.
 
     One folder per regime, so a DVC stage can depend on `data/models/${regime}` for any regime.
     """
     if name in REGIMES_WITH_ONE_MODEL:
         return models_dir() / name
     regime, _, lang = name.partition("-")
-    if regime in ("sft", "grpo_base", "grpo_sft") and lang:
+    if regime in ("sft", "topup", "grpo_base", "grpo_sft") and lang:
         return models_dir() / regime / lang
     raise ValueError(f"unknown model name {name!r}")
 

@@ -240,6 +240,10 @@ def plan_stages(params: Params) -> list[StageCost]:
         sft = params.sft
         texts = training_texts(params, sft.dataset, lang, tokenizer, sft.max_length_for(lang))
         costs.append(training_cost(params, f"sft@{lang}", texts, sft, dtype))
+    topup = params.topup
+    for lang in topup.languages:  # the others write a marker
+        texts = training_texts(params, topup.dataset, lang, tokenizer, topup.max_length_for(lang))
+        costs.append(training_cost(params, f"topup@{lang}", texts, topup, dtype))
     grpo = params.grpo
     lora_bytes = lora_parameters(params, grpo.lora.r) * DTYPE_BYTES[dtype]
     for init in grpo.init:

@@ -3,9 +3,10 @@ problems, or the mixture of `grpo.datasets`, each with its domain).
 
 `init` is where the policy starts:
 - `base`: a fresh LoRA (`grpo.lora`) on the base model;
-- `sft`: the model of `sft@{lang}`. An SFT adapter is loaded trainable and trained further (not re-initialized,
-  so `grpo.lora` does not apply to it; the result is an adapter on the base); a fully fine-tuned SFT model gets a
-  fresh `grpo.lora` adapter, whose recorded parent is that SFT model.
+- `sft`: the model of `sft@{lang}`, or its top-up (`topup@{lang}`) when the language is topped up. An adapter is
+  loaded trainable and trained further (not re-initialized, so `grpo.lora` does not apply to it; the result is an
+  adapter on the same parent); a whole model (a full fine-tune) gets a fresh `grpo.lora` adapter, whose recorded
+  parent is that model.
 
 Every `grpo.*` param maps one to one to a `GRPOConfig` field (`grpo_config`; `clip_low` -> `epsilon`, `clip_high`
 -> `epsilon_high`, `reward_weights` -> the weights of the reward functions in the same order, with the weights the
@@ -165,11 +166,20 @@ class Policy:
     parent: Path
 
 
+def topup_start(lang: str) -> Path | None:
+    """The top-up GRPO-from-SFT starts from in `lang`, or None when its top-up is switched off (the recipe)."""
+    folder = paths.model_dir(f"topup-{lang}")
+    if outputs.switched_off(folder):
+        return None
+    return setup.require_model(folder, f"topup@{lang} output (a model, or the marker of a language not topped up)")
+
+
 def load_policy(params: Params, init: Init, lang: str) -> Policy:
     if init == "base":
         folder = setup.require_model(paths.base_model_dir(), "base model")
         return Policy(loading.load_model(folder, params), setup.lora_config(params.grpo.lora), folder, folder)
-    folder = setup.require_model(paths.model_dir(f"sft-{lang}"), f"sft@{lang} model")
+    sft_model = setup.require_model(paths.model_dir(f"sft-{lang}"), f"sft@{lang} model")
+    folder = topup_start(lang) or sft_model
     if loading.is_adapter(folder):
         model = loading.load_model(folder, params, trainable=True)
         return Policy(model, None, folder, loading.adapter_parent(folder))
@@ -319,6 +329,8 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
         "tokens_generated": tokens_generated(history, config.generation_batch_size),
         "rewards": reward_means(history, names),
     }
+    if init == "sft" and policy.start != paths.model_dir(f"sft-{lang}"):
+        metrics["topup"] = policy.start.as_posix()  # started from the language's top-up
     if reference is not None:
         kl = [entry["kl"] for entry in history if "kl" in entry and math.isfinite(entry["kl"])]
         metrics |= {"reference": reference.as_posix(), "kl": round(fmean(kl), 6) if kl else None}

@@ -115,18 +115,21 @@ def make_sft_trainer(
     examples: Sequence[Mapping[str, str]],
     config: SFTConfig,
     training: TrainingParams,
+    continue_adapter: bool = False,
 ) -> SFTTrainer:
+    """`continue_adapter`: the model carries a trainable adapter, trained further (no new LoRA)."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTTrainer
 
     set_seed(config.seed)  # before the LoRA weights are drawn
+    new_lora = training.use_lora and not continue_adapter
     return SFTTrainer(
         model=model,
         args=config,
         train_dataset=Dataset.from_list(list(examples)),
         processing_class=tokenizer,
-        peft_config=setup.lora_config(training.lora) if training.use_lora else None,
+        peft_config=setup.lora_config(training.lora) if new_lora else None,
     )
 
 
@@ -143,8 +146,12 @@ def fine_tune(
     checkpoint_dir: Path,
     run: StageRun | None,
     batch_key: str = BATCH_KEY,
+    continue_adapter: bool = False,
 ) -> tuple[SFTTrainer, dict[str, Any]]:
-    """Train on prompt/completion `examples`, resuming from `checkpoint_dir` after a crash: trainer and metrics."""
+    """Train on prompt/completion `examples`, resuming from `checkpoint_dir` after a crash: trainer and metrics.
+
+    `continue_adapter`: `model` carries a trainable adapter, which is trained further instead of a new LoRA.
+    """
     setup.apply_compute(compute)
     truncated = count_truncated(examples, tokenizer, max_length)
     if truncated:
@@ -165,7 +172,7 @@ def fine_tune(
         report_to=setup.report_to(run),
         batch_key=batch_key,
     )
-    trainer = make_sft_trainer(model, tokenizer, examples, config, training)
+    trainer = make_sft_trainer(model, tokenizer, examples, config, training, continue_adapter)
     resumed_from = checkpoints.train_resumably(trainer, checkpoint_dir)
     if run is not None and resumed_from is not None:
         run.add_budget(resumed_from_step=resumed_from)  # a fact of this run, not of its inputs
