@@ -22,7 +22,7 @@ from budget_alignment import loading, paths
 from budget_alignment.io import write_json
 from budget_alignment.params import Params
 from budget_alignment.tracking import StageRun
-from budget_alignment.train import checkpoints, outputs, sft
+from budget_alignment.train import outputs, sft
 from budget_alignment.train import trainer_setup as setup
 
 # The param that sets the top-up's global batch.
@@ -52,37 +52,15 @@ def switch_off(lang: str) -> dict[str, Any]:
 
 def train_topup(params: Params, lang: str, run: StageRun | None = None) -> dict[str, Any]:
     """The `topup@{lang}` stage of a topped-up language: continue the SFT model on the top-up set."""
-    stage = stage_name(lang)
-    settings = params.topup
-    data = paths.normalized(settings.dataset, lang)
     start = setup.require_model(paths.model_dir(f"sft-{lang}"), f"sft@{lang} model")
-    problems = setup.read_problems(data, f"topup dataset {settings.dataset!r} ({lang})")
-    tokenizer = loading.load_model_tokenizer(start, params)
-    examples = sft.sft_examples(problems, tokenizer, params.prompts)
-    continued = loading.is_adapter(start)
-    digest = checkpoints.fingerprint(
-        stage, settings.model_dump(mode="json"), params.prompts.model_dump(), params.seed, data, start
-    )
-    checkpoint_dir = checkpoints.checkpoint_dir(stage, digest)
-    trainer, metrics = sft.fine_tune(
-        stage=stage,
-        model=loading.load_model(start, params, trainable=continued),
-        tokenizer=tokenizer,
-        examples=examples,
-        training=settings,
-        max_length=settings.max_length_for(lang),
-        compute=params.compute,
-        seed=params.seed,
-        checkpoint_dir=checkpoint_dir,
+    return sft.train_from(
+        params,
+        stage_name(lang),
+        params.topup,
+        lang,
+        start=start,
+        out=paths.model_dir(f"topup-{lang}"),
         run=run,
         batch_key=BATCH_KEY,
-        continue_adapter=continued,
+        recorded={"topped_up": True, "start": start.as_posix()},
     )
-    # An adapter continued applies to the SFT adapter's parent; a LoRA on a whole SFT model applies to that model.
-    parent = loading.adapter_parent(start) if continued else start
-    metrics = {"topped_up": True, "start": start.as_posix(), **metrics}
-    outputs.publish_model(trainer, tokenizer, paths.model_dir(f"topup-{lang}"), parent=parent)
-    outputs.write_metrics(trainer, stage, metrics)
-    if trainer.is_world_process_zero():
-        checkpoints.remove_checkpoints(checkpoint_dir)
-    return metrics
