@@ -75,6 +75,11 @@ INVALID = [
     ({"grpo.loss_type": "ppo"}, "grpo.loss_type"),
     ({"grpo.use_vllm": True, "grpo.vllm_mode": "server"}, "grpo.vllm_server_url"),
     ({"grpo.reward_weights": {"accuracy": 1.0}}, "grpo.reward_weights"),
+    # Per-language weights: a language of the run, replacing rewards that every language weighs.
+    ({"grpo.reward_weights.de": {"accuracy": 1.0}}, "grpo.reward_weights.de"),
+    ({"grpo.reward_weights.es": {"speed": 1.0}}, "grpo.reward_weights.es.speed"),
+    ({"grpo.reward_weights.es": {"medical": 0.5}}, "grpo.reward_weights.es.medical"),
+    ({"grpo.reward_weights.length": 0.5}, "grpo.reward_weights.length"),
     ({"grpo.unknown_knob": 1}, "grpo.unknown_knob"),
     ({"evaluation.k": [1, 50]}, "evaluation.k"),
     ({"evaluation.n": 0}, "evaluation.n"),

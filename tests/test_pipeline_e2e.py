@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 # paper_cpu narrowed to Japanese and one evaluation set (Hydra deletes what the paper profile adds).
 LANG_OVERRIDES = [
     f"~datasets.{dataset}.translation.{lang}"
-    for dataset in ("chains", "math", "college_math")
+    for dataset in ("chains", "math", "college_math", "topup_math")
     for lang in ("fr", "es")
 ]
 OVERRIDES = [
