@@ -384,8 +384,8 @@ class GrpoParams(Section):
     init: list[Literal["base", "sft"]] = ["base", "sft"]
     clip_low: Probability = 0.2
     clip_high: Probability = 0.28
-    # Policy updates per batch of rollouts (TRL's mu). At 1 every update is on-policy: the importance ratio is exactly 1
-    # and the clip bounds never act; they shape the update only from the second pass over the same rollouts.
+    # Policy updates per batch of rollouts (TRL's mu). At 1 every update is on-policy: the importance ratio is
+    # exactly 1 and the clip bounds never act; they shape the update only from the second pass over the rollouts.
     num_iterations: PositiveInt = 1
     # The KL term's weight, and the model it pulls the policy toward: `base`, or `sft` (the SFT model of the stage's
     # language). Unused at beta 0 (the recipe).
