@@ -253,6 +253,9 @@ class NormalizeLangParams(Section):
     consistent_units: bool = False
     spanish_math_notation: bool = False
     decimal_comma: bool = False
+    # "Tokenizer-aware formatting": no blanks around operators between numerals (3 + 4 -> 3+4), nor between Japanese
+    # text and a numeral or formula; math and code are left as written.
+    compact_numeral_spacing: bool = False
 
 
 class MaxRejectedFractions(Section):
