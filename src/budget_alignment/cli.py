@@ -292,6 +292,23 @@ def merge(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
         merge_models(params, paths.model_dir("merge"), run)
 
 
+@app.command("merge-members")
+def merge_members(
+    init: Annotated[str, typer.Argument(help="The init of the GRPO members: base or sft.")],
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage merge_members@INIT: digests of the GRPO-from-INIT members of the merge, which the merge depends on."""
+    params = load(params_file)
+    require(
+        init in params.merge.grpo_inits,
+        f"{init!r} is not in merge.grpo_inits ({', '.join(params.merge.grpo_inits) or 'empty'})",
+    )
+    with tracked_stage("merge_members", params, init=init) as run:
+        from budget_alignment.merge import record_merge_members
+
+        record_merge_members(params, init, run)
+
+
 @app.command("problems")
 def problems(lang: EvaluatedLang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
     """Stage problems@LANG: the evaluation sets of LANG (their first evaluation.limit problems) in data/problems/."""

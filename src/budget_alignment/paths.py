@@ -56,6 +56,16 @@ def checkpoints_dir(stage: str) -> Path:
     return cache_dir() / "checkpoints" / stage
 
 
+def merge_members_dir() -> Path:
+    """The digests of the GRPO models the merge takes, one file per init (`merge_members@{init}`): the merge stage
+    depends on this folder, which git keeps (it holds a .gitignore) so that it exists when no such stage does."""
+    return data_dir() / "merge_members"
+
+
+def merge_members_file(init: str) -> Path:
+    return merge_members_dir() / f"grpo_{init}.json"
+
+
 def lora_merge_cache() -> Path:
     """Where mergekit applies LoRA adapters to their parent models."""
     return cache_dir() / "lora_merge"
