@@ -141,6 +141,11 @@ def report_metrics_file() -> Path:
     return reports_dir() / "metrics.json"
 
 
+def compare_report() -> Path:
+    """`budget-align compare`'s table of every experiment (its figure beside it): a view, no stage's output."""
+    return reports_dir() / "compare.md"
+
+
 def figures_dir() -> Path:
     return reports_dir() / "figures"
 
