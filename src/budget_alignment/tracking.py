@@ -39,9 +39,9 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.repo_root().resolve() / 'mlflow.db'}"
 
 
-# MLflow 3's UI opens an experiment on its GenAI overview, runs out of sight, unless the experiment says what kind it
-# is: this tag (the UI's own, set where the UI asks "GenAI apps & agents or Machine learning?") makes it open on the
-# runs table, where the stages' runs are compared. A kind someone chose in the UI is kept.
+# The experiment's kind, as MLflow 3's UI records it when asked "GenAI apps & agents or Machine learning?": these runs
+# are machine learning. (The UI's landing page is decided by its GenAI / Model training switch, not by this tag:
+# `runs_page` is the URL that opens on the runs table.) A kind someone chose in the UI is kept.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
@@ -57,8 +57,10 @@ def experiment_id(name: str) -> str:
 
 
 def runs_page(server: str, experiment: str) -> str:
-    """The UI's runs table of an experiment (`#/experiments/<id>/runs`) on a server (`http://127.0.0.1:5000`)."""
-    return f"{server.rstrip('/')}/#/experiments/{experiment}/runs"
+    """The runs table of an experiment in MLflow 3's UI on a server (`http://127.0.0.1:5000`). Without
+    `workflowType=machine_learning` the UI opens on its GenAI side (an experiment's Overview, no runs in sight) until
+    one switches to "Model training"; the switch is the UI's, stored in the browser, so the URL carries it."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """`budget-align ui` (`make ui`): the MLflow UI over the repository's runs, opening on the runs table.
 
-MLflow 3's UI opens an experiment on its GenAI overview unless the experiment is tagged as machine learning
-(`tracking.EXPERIMENT_KIND_TAG`, set when the stages create it); the URL printed, and opened where a browser is at
-hand, is the runs table itself (`#/experiments/<id>/runs`), so the stages' runs are in sight either way.
+MLflow 3's UI opens an experiment on its GenAI overview, no runs in sight, until one switches to "Model training";
+the URL printed, and opened where a browser is at hand, is the runs table with that switch set
+(`tracking.runs_page`; tests/test_ui.py checks it in headless Chromium).
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def ui_command(params: Params, host: str, port: int) -> tuple[list[str] | None, 
     experiment = experiment_id(params.tracking.experiment)
     if uri.startswith(("http://", "https://")):
         return None, runs_page(uri, experiment)
+    # One worker: one user's browser (the default, four, costs seconds and a GB more to start).
     command = [mlflow_executable(), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    command += ["--workers", "1"]
     return command, runs_page(f"http://{host}:{port}", experiment)
 
 
