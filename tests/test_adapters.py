@@ -6,6 +6,7 @@ sampled, merged and served on the SFT model, never on the base.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,9 @@ def test_an_adapter_whose_parent_is_missing_or_outside_the_pipeline_is_refused(p
     sft.train_sft(params, "ja")
     adapter = paths.model_dir("sft-ja")
     assert loading.adapter_parent(adapter) == paths.base_model_dir()
+    # PEFT lists all-linear's modules from a set: written sorted, the same adapter is the same output in any process.
+    modules = json.loads((adapter / loading.ADAPTER_CONFIG).read_text())["target_modules"]
+    assert len(modules) > 1 and modules == sorted(modules)
     loading.record_adapter_parent(adapter, "/somewhere/else")
     with pytest.raises(loading.ModelFolderError, match="is not a folder of the pipeline's models"):
         loading.load_model(adapter, params)
@@ -142,3 +146,15 @@ def test_prompts_reach_both_backends_with_exactly_one_bos(tmp_path, monkeypatch)
     backend.generate([text], 1, seed=0)
     prompt_ids = [token for token in seen[0] if token != tokenizer.pad_token_id]
     assert prompt_ids[0] == bos_id and prompt_ids.count(bos_id) == 1
+
+
+def test_an_adapter_config_is_the_same_bytes_whatever_the_process(tmp_path):
+    # PEFT saves `all-linear` resolved as a set, in the order of the process's string hashes.
+    config = {"base_model_name_or_path": "x", "target_modules": ["v_proj", "q_proj", "down_proj"], "r": 8}
+    written = []
+    for order in (config["target_modules"], sorted(config["target_modules"], reverse=True)):
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"target_modules": order}))
+        loading.record_adapter_parent(tmp_path, paths.base_model_dir())
+        written.append((tmp_path / "adapter_config.json").read_bytes())
+    assert written[0] == written[1]
+    assert json.loads(written[0])["target_modules"] == ["down_proj", "q_proj", "v_proj"]

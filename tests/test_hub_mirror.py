@@ -20,6 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """`datasets` keeps its arrow files under the project's cache: a test's own."""
+    monkeypatch.setenv("BUDGET_ALIGNMENT_CACHE", str(tmp_path / ".cache"))
+
+
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory) -> Path:
     return write_hub_mirror(tmp_path_factory.mktemp("mirror") / "hub")
@@ -65,7 +71,9 @@ def test_the_mirror_holds_every_hub_dataset_the_paper_profile_reads(mirror, tmp_
 def test_every_paper_dataset_ingests_from_the_mirror_through_the_cli(paper_project, mirror):
     root, params = paper_project
     expected = {"chains": 30, "math": 40 + 24, "college_math": 12, "aime25": 12, "gpqa": 12, "medicine": 12}
-    assert set(params.datasets) == set(expected)
+    # Besides the hub sets, the top-up's own set (bundled: the post names none), read by topup@{lang} when it is on.
+    assert set(params.datasets) == {*expected, "topup_math"}
+    assert params.datasets["topup_math"].source.kind == "bundled"
     for dataset, count in expected.items():
         invoke("ingest", dataset)
         records = read_records(root / f"data/ingested/{dataset}.jsonl", Problem)

@@ -26,7 +26,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
+from chat_server import ChatServer
+from chat_server import translator as chat_translator
 from hub_mirror import write_hub_mirror
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +39,7 @@ pytestmark = pytest.mark.slow
 # paper_cpu narrowed to Japanese and one evaluation set (Hydra deletes what the paper profile adds).
 LANG_OVERRIDES = [
     f"~datasets.{dataset}.translation.{lang}"
-    for dataset in ("chains", "math", "college_math")
+    for dataset in ("chains", "math", "college_math", "topup_math")
     for lang in ("fr", "es")
 ]
 OVERRIDES = [
@@ -55,8 +58,23 @@ REGIMES = ["base", "sft", "grpo_base", "grpo_sft", "merge"]
 
 
 def overrides(root: Path) -> list[str]:
-    """The project's Hydra overrides, its hub mirror (beside the repository) included."""
-    return [*OVERRIDES, f"hub_mirror={root.parent / 'hub_mirror'}"]
+    """The project's Hydra overrides: its hub mirror (beside the repository) and its translator's address included.
+    The key the translator is called with is the planted one (the last test greps for it)."""
+    url = (root.parent / "translator_url").read_text()
+    return [
+        *OVERRIDES,
+        f"hub_mirror={root.parent / 'hub_mirror'}",
+        f"translate.base_url={url}",
+        "translate.api_key_env=OPENAI_API_KEY",
+    ]
+
+
+@pytest.fixture(scope="module")
+def translator():
+    """The OpenAI-compatible server the paper-shaped profile translates through (tests/chat_server.py)."""
+    server = ChatServer(reply=chat_translator)
+    yield server
+    server.close()
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1800) -> subprocess.CompletedProcess:
@@ -116,9 +134,10 @@ def stages_ran(output: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict]:
+def project(tmp_path_factory, translator) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("e2e") / "repo"
     root.mkdir()
+    (root.parent / "translator_url").write_text(translator.url)
     copy_project(root)
     env = project_env(root)
     write_hub_mirror(root.parent / "hub_mirror")
@@ -176,20 +195,23 @@ def test_every_stage_has_its_mlflow_run_in_the_repository_database(project):
     assert expected <= names
 
 
-def test_the_run_took_every_branch_of_the_paper_profile(project):
+def test_the_run_took_every_branch_of_the_paper_profile(project, translator):
     root, _ = project
     log = (root.parent / "logs/repro.log").read_text()
     # Hub datasets through the real loaders, from the local mirror.
     ingested = json.loads((root / "data/ingested/chains.jsonl").read_text().splitlines()[0])
     assert ingested["provenance"]["source"] == "hub" and ingested["provenance"]["mirror"]
-    # Machine translation with the local base model; what failed its contract is quarantined, named with its check.
+    # Machine translation through the local translator, retried with another seed before a record is quarantined:
+    # the chain about Mia keeps losing a marker, so it lands in the rejected file with the check it failed.
     translated = [json.loads(line) for line in (root / "data/translated/chains/ja.jsonl").read_text().splitlines()]
     assert translated and all(r["provenance"]["translation"]["method"] == "machine" for r in translated)
-    assert translated[0]["provenance"]["translation"]["backend"] == "transformers"
-    rejected = root / "reports/data_quality/rejected/translate@chains/ja.jsonl"
+    assert translated[0]["provenance"]["translation"]["backend"] == "openai"
+    rejected = [json.loads(line) for line in (root / "reports/data_quality/rejected/translate@chains/ja.jsonl").open()]
     report = json.loads((root / "reports/data_quality/translate@chains/ja.json").read_text())
-    assert report["rejected"] == len(rejected.read_text().splitlines())
-    assert report["rejected"] + len(translated) == 4  # datasets.chains.limit
+    assert report["rejected"] == len(rejected) == 1 and len(translated) == 3  # of datasets.chains.limit = 4
+    assert rejected[0]["id"] == "chains-0000" and rejected[0]["checks"] == ["protected_spans_restored"]
+    assert "chains-0000" not in {r["id"] for r in translated}  # the chain about Mia
+    assert {h.get("authorization") for h in translator.headers} == {f"Bearer {PLANTED_SECRETS['OPENAI_API_KEY']}"}
     # A full-parameter SFT on two processes, a GRPO LoRA on it and one on the base, a merge of whole models.
     assert "launching 2 processes" in log and "training on 2 processes (MULTI_CPU)" in log
     sft_model = root / "data/models/sft/ja"
@@ -351,11 +373,14 @@ def dvc(root: Path, env: dict, *args: str, timeout: int = 1800) -> subprocess.Co
 
 @pytest.fixture(scope="module")
 def queued_experiments(project) -> dict[str, float]:
-    """Two experiments queued with different grpo.clip_high and run by `dvc queue start` (README word for word)."""
+    """Two experiments queued with a different GRPO LoRA rank and run by `dvc queue start` (as the README's sweep).
+
+    The rank changes every GRPO model whatever the rollouts' rewards (a clip bound would not: at one update per batch
+    of rollouts the importance ratio is exactly 1, and an all-equal group has no gradient at all)."""
     root, env = project
-    experiments = {"clip-0.24": 0.24, "clip-0.3": 0.3}
-    for name, clip in experiments.items():
-        settings = [arg for override in [*overrides(root), f"grpo.clip_high={clip}"] for arg in ("-S", override)]
+    experiments = {"lora-r4": 4, "lora-r16": 16}
+    for name, rank in experiments.items():
+        settings = [arg for override in [*overrides(root), f"grpo.lora.r={rank}"] for arg in ("-S", override)]
         dvc(root, env, "exp", "run", "--queue", "-n", name, *settings)
     dvc(root, env, "queue", "start", "--jobs", "1")
     deadline = time.monotonic() + 1800
@@ -382,7 +407,7 @@ def test_a_queued_experiment_reruns_only_grpo_and_below(project, queued_experime
         assert ran <= GRPO_SUBTREE, name
     shown = json.dumps(json.loads(dvc(root, env, "exp", "show", "--json").stdout))
     assert all(name in shown for name in queued_experiments)
-    assert "clip_high: 0.28" in (root / "params.yaml").read_text()  # the workspace is left as it was
+    assert yaml.safe_load((root / "params.yaml").read_text())["grpo"]["lora"]["r"] == 8  # the workspace as it was
 
 
 @pytest.fixture
@@ -443,13 +468,11 @@ def test_queued_experiments_compare_side_by_side_through_the_mlflow_server(queue
     assert set(found) == set(queued_experiments), sorted(found)
     shared_metrics = set.intersection(*(set(metrics) for _, metrics in found.values()))
     assert "budget.wall_seconds" in shared_metrics and any("reward" in key for key in shared_metrics), shared_metrics
-    for name, clip in queued_experiments.items():
+    for name, rank in queued_experiments.items():
         params, _ = found[name]
-        assert float(params["grpo.clip_high"]) == clip
-        assert (
-            params["grpo.clip_low"] == "0.2"
-            and params["grpo.learning_rate"] == found["clip-0.24"][0]["grpo.learning_rate"]
-        )
+        assert int(params["grpo.lora.r"]) == rank, sorted(params)
+        assert params["grpo.clip_high"] == "0.28"
+        assert params["grpo.learning_rate"] == found["lora-r4"][0]["grpo.learning_rate"]
 
 
 def test_an_experiment_travels_between_clones_with_exp_push_and_pull(project, queued_experiments, s3_remote, tmp_path):
@@ -464,19 +487,19 @@ def test_an_experiment_travels_between_clones_with_exp_push_and_pull(project, qu
     try:
         add_s3_remote(root, env, endpoint)
         dvc(root, env, "push")  # the baseline's outputs, as the team shares its main line
-        dvc(root, env, "exp", "push", "team", "clip-0.3")
+        dvc(root, env, "exp", "push", "team", "lora-r16")
         bob = tmp_path / "bob"
         run(["git", "clone", "-q", str(origin), str(bob)], tmp_path, env)
         bob_env = env | {"PYTHONPATH": str(bob / "src")}
         add_s3_remote(bob, bob_env, endpoint)
-        dvc(bob, bob_env, "exp", "pull", "origin", "clip-0.3")
-        assert "clip-0.3" in dvc(bob, bob_env, "exp", "list", "--name-only").stdout
-        dvc(bob, bob_env, "exp", "apply", "clip-0.3")
+        dvc(bob, bob_env, "exp", "pull", "origin", "lora-r16")
+        assert "lora-r16" in dvc(bob, bob_env, "exp", "list", "--name-only").stdout
+        dvc(bob, bob_env, "exp", "apply", "lora-r16")
         dvc(bob, bob_env, "pull")
-        assert "clip_high: 0.3" in (bob / "params.yaml").read_text()
+        assert yaml.safe_load((bob / "params.yaml").read_text())["grpo"]["lora"]["r"] == 16
         assert "up to date" in dvc(bob, bob_env, "status").stdout
-        # Bob has Alice's experiment outputs, byte for byte: the report and the GRPO model of clip-0.3.
-        dvc(root, env, "exp", "apply", "clip-0.3")
+        # Bob has Alice's experiment outputs, byte for byte: the report and the GRPO model of lora-r16.
+        dvc(root, env, "exp", "apply", "lora-r16")
         dvc(root, env, "checkout")
         for name in ("reports/metrics.json", "data/models/grpo_sft/ja/adapter_model.safetensors"):
             assert sha256(bob / name) == sha256(root / name), name

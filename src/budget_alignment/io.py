@@ -16,6 +16,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+# A write that fails for lack of space or permission: the stage ends with one line, finished work kept.
+WRITE_FAILURES = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+)
+
+
 class OutputError(OSError):
     """An output could not be written (full disk, read-only or unwritable path)."""
 
@@ -39,7 +45,13 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        if isinstance(error, OSError) and error.errno in (
+            errno.ENOSPC,
+            errno.EFBIG,
+            errno.EROFS,
+            errno.EACCES,
+            errno.EDQUOT,
+        ):
             raise OutputError(error.errno, f"cannot write {path}: {error.strerror}") from error
         raise
 
