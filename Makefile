@@ -35,8 +35,9 @@ test: setup-dev
 params: setup
 	$(BIN)/budget-align compose-params $(OVERRIDES)
 
+# The MLflow UI over mlflow.db; prints (and opens, where a browser is at hand) the experiment's runs table.
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+	$(BIN)/budget-align ui --port $(MLFLOW_PORT)
 
 lint: setup-dev
 	$(BIN)/ruff check src tests benchmarks

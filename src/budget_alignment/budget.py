@@ -28,7 +28,7 @@ def regime_of_stage(stage: str) -> str | None:
     name, _, instance = stage.partition("@")
     if name in ("base_model", "generate_en", "score_en"):  # the English reference line is the Base model's
         return "base"
-    if name == "merge":
+    if name in ("merge", "merge_members"):
         return "merge"
     if name == "sft":
         return "sft"

@@ -1,5 +1,5 @@
 """`budget-align`: one command per pipeline stage (`stages.py` names each stage's command, module and params keys),
-and the tools around the pipeline (check-params, compose-params, score-files, budget, plan).
+and the tools around the pipeline (check-params, compose-params, score-files, budget, compare, ui, plan).
 
 Every stage command has one skeleton (`tracked_stage`): params loaded and validated, the stage instance checked, the
 stage's MLflow run opened with the params keys it reads, its libraries imported inside the run (so they load while
@@ -328,6 +328,23 @@ def merge(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
         merge_models(params, paths.model_dir("merge"), run)
 
 
+@app.command("merge-members")
+def merge_members(
+    init: Annotated[str, typer.Argument(help="The init of the GRPO members: base or sft.")],
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage merge_members@INIT: digests of the GRPO-from-INIT members of the merge, which the merge depends on."""
+    params = load(params_file)
+    require(
+        init in params.merge.grpo_inits,
+        f"{init!r} is not in merge.grpo_inits ({', '.join(params.merge.grpo_inits) or 'empty'})",
+    )
+    with tracked_stage("merge_members", params, init=init) as run:
+        from budget_alignment.merge import record_merge_members
+
+        record_merge_members(params, init, run)
+
+
 @app.command("problems")
 def problems(lang: EvaluatedLang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
     """Stage problems@LANG: the evaluation sets of LANG (their first evaluation.limit problems) in data/problems/."""
@@ -439,6 +456,55 @@ def budget() -> None:
     from budget_alignment.budget import write_budget_report
 
     typer.echo(f"wrote {write_budget_report()}")
+
+
+@app.command("compare")
+def compare(
+    all_commits: Annotated[
+        bool, typer.Option("--all-commits", "-A", help="Every commit's experiments, not only the current commit's.")
+    ] = False,
+    from_json: Annotated[
+        Path | None, typer.Option("--from-json", help="A saved `dvc exp show --json` instead of running it.")
+    ] = None,
+    metric: Annotated[
+        str | None, typer.Option(help="The accuracy metric (default: the baseline's report.accuracy_metric).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="The table (default reports/compare.md; the figure beside it).")
+    ] = None,
+) -> None:
+    """The experiments of `dvc exp show --json` side by side: one table and one Pareto figure of experiment x regime x
+    language (reports/compare.md, reports/compare.png), after a sweep such as `dvc exp run --queue ...`."""
+    import json
+
+    from budget_alignment.compare import compare_experiments, dvc_exp_show
+
+    try:
+        show = (
+            json.loads(from_json.read_text(encoding="utf-8")) if from_json else dvc_exp_show(all_commits=all_commits)
+        )
+    except (OSError, json.JSONDecodeError) as error:
+        raise StageError(f"{from_json}: cannot read a `dvc exp show --json` output: {error}") from None
+    table, figure, rows = compare_experiments(show, out, metric)
+    experiments = len({row.experiment for row in rows})
+    typer.echo(f"wrote {table} and {figure} ({experiments} experiments, {len(rows)} experiment x regime x language)")
+
+
+@app.command("ui")
+def ui(
+    port: Annotated[int, typer.Option(help="The port of the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="The address it listens on.")] = "127.0.0.1",
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open a browser where there is one.")] = True,
+) -> None:
+    """The MLflow UI over the repository's runs (mlflow.db), opening on the runs table of the project's experiment."""
+    from budget_alignment.ui import serve, ui_command
+
+    command, url = ui_command(load(DEFAULT_PARAMS), host, port)
+    if command is None:
+        typer.echo(f"MLflow runs: {url}  (the tracking server MLFLOW_TRACKING_URI names)")
+        return
+    typer.echo(f"MLflow UI: {url}  (the runs table of every stage; Ctrl-C stops it)")
+    raise typer.Exit(serve(command, url, open_browser=open_browser))
 
 
 @app.command("plan")

@@ -2,7 +2,13 @@
 
 Members are model names (`base`, `sft-ja`, `grpo_sft-fr`); a member stored as a LoRA adapter is applied to the
 parent model it records with mergekit's `parent+adapter` syntax. Method, members, weights and method parameters
-come from params (what each method needs is `params.MERGE_METHODS`), so TIES, DARE or SLERP are one params change.
+come from params (what each method needs is `params.MERGE_METHODS`), so TIES, DARE, SLERP or task arithmetic are one
+params change.
+
+GRPO models as members: the `merge` stage depends on the base and SFT models and on `data/merge_members/`, not on
+the GRPO models (else every GRPO experiment would rerun the merge). For each init in `merge.grpo_inits`, stage
+`merge_members@{init}` (`record_merge_members`) depends on `data/models/grpo_{init}` and writes the digests of the
+members taken from it into that folder: the merge reruns when, and only when, a GRPO model it takes changes.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import yaml
 
 from budget_alignment import loading, paths
 from budget_alignment.errors import StageError
-from budget_alignment.io import atomic_directory
+from budget_alignment.fingerprints import tree_digest
+from budget_alignment.io import atomic_directory, write_json
 from budget_alignment.params import MERGE_METHODS, Params
 from budget_alignment.tracking import StageRun
 
@@ -43,26 +50,42 @@ def member_reference(name: str) -> str:
     return str(folder)
 
 
+def record_merge_members(params: Params, init: str, run: StageRun | None = None) -> dict[str, str]:
+    """Stage `merge_members@{init}`: the digest of every GRPO-from-`init` member's folder, to
+    `paths.merge_members_file(init)` (what makes the merge stage depend on exactly those models)."""
+    if init not in params.merge.grpo_inits:
+        raise MergeError(f"merge.grpo_inits has no {init!r}: the merge takes no GRPO-from-{init} model")
+    digests = {}
+    for name in params.merge.members:
+        if name.startswith(f"grpo_{init}-"):
+            member_reference(name)  # present, safetensors, on its recorded parent
+            digests[name] = tree_digest(paths.model_dir(name), contents=True)
+    out = paths.merge_members_file(init)
+    write_json(out, digests)
+    if run is not None:
+        run.add_output(out)
+    return digests
+
+
 def merge_configuration(params: Params) -> dict[str, Any]:
     """The mergekit YAML configuration for `params.merge`."""
     settings = params.merge
     weights = settings.weights or [1.0] * len(settings.members)
     references = [member_reference(name) for name in settings.members]
+    method = MERGE_METHODS[settings.method]
     config: dict[str, Any] = {
         "merge_method": settings.method,
         "dtype": settings.dtype,
-        # Every method but SLERP (an interpolation) takes `normalize`.
-        "parameters": ({} if settings.method == "slerp" else {"normalize": settings.normalize}) | settings.parameters,
+        "parameters": ({"normalize": settings.normalize} if method.weighted else {}) | settings.parameters,
     }
     members = list(zip(references, weights, strict=True))
-    method = MERGE_METHODS[settings.method]
     if method.has_base_model:
         config["base_model"] = references[0]
     if method.task_vectors:
         members = members[1:]  # the base contributes as the reference, not as a task vector
-    config["models"] = [{"model": ref, "parameters": {"weight": weight}} for ref, weight in members]
-    if settings.method == "slerp":
-        config["models"] = [{"model": ref} for ref, _ in members]
+    config["models"] = [
+        {"model": ref} | ({"parameters": {"weight": weight}} if method.weighted else {}) for ref, weight in members
+    ]
     return config
 
 

@@ -254,6 +254,9 @@ class NormalizeLangParams(Section):
     consistent_units: bool = False
     spanish_math_notation: bool = False
     decimal_comma: bool = False
+    # "Tokenizer-aware formatting": no blanks around operators between numerals (3 + 4 -> 3+4), nor between Japanese
+    # text and a numeral or formula; math and code are left as written.
+    compact_numeral_spacing: bool = False
 
 
 class MaxRejectedFractions(Section):
@@ -491,41 +494,62 @@ class TopupParams(TrainingParams):
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """What a mergekit method needs of `merge.members` (the one place that says so; merge.py builds on it).
+    """What a mergekit method needs of `merge` (the one place that says so; merge.py builds on it).
 
     `task_vectors`: the members are merged as differences from a base model, which is the first member and must be
     the pipeline's `base` (its own weight is unused). `members`: an exact member count (SLERP interpolates two
-    models; the first is its t=0 end and mergekit's `base_model`). `parameters`: keys the method cannot do without.
+    models; the first is its t=0 end and mergekit's `base_model`). `parameters`: keys the method cannot do without;
+    `optional`: the other keys it takes. `weighted`: whether it takes a weight per member (and `merge.normalize`,
+    which divides by their sum).
     """
 
     task_vectors: bool = False
     members: int | None = None
     parameters: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    weighted: bool = True
 
     @property
     def has_base_model(self) -> bool:
         return self.task_vectors or self.members == 2
 
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        return self.parameters + self.optional
 
+
+# mergekit's parameters of its task-arithmetic family: `lambda` scales the merged difference, `int8_mask` stores
+# masks in int8, `rescale` (DARE) restores the magnitude of what sparsification dropped.
+_TASK_ARITHMETIC = ("lambda", "int8_mask")
 MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": MergeMethod(),
-    "task_arithmetic": MergeMethod(task_vectors=True),
-    "ties": MergeMethod(task_vectors=True),
-    "dare_ties": MergeMethod(task_vectors=True),
-    "dare_linear": MergeMethod(task_vectors=True),
-    "slerp": MergeMethod(members=2, parameters=("t",)),
+    "task_arithmetic": MergeMethod(task_vectors=True, optional=_TASK_ARITHMETIC),
+    # TIES keeps the `density` share of each difference with the largest magnitude, then elects a sign per weight.
+    "ties": MergeMethod(task_vectors=True, parameters=("density",), optional=_TASK_ARITHMETIC),
+    # DARE drops each difference weight with probability 1 - `density` (seeded by `seed`) and rescales the rest.
+    "dare_ties": MergeMethod(task_vectors=True, parameters=("density",), optional=(*_TASK_ARITHMETIC, "rescale")),
+    "dare_linear": MergeMethod(task_vectors=True, parameters=("density",), optional=(*_TASK_ARITHMETIC, "rescale")),
+    "slerp": MergeMethod(members=2, parameters=("t",), weighted=False),
 }
+# The parameters that are shares: (low, high, whether low itself is allowed).
+_SHARES = {"density": (0.0, 1.0, False), "t": (0.0, 1.0, True)}
 
 
 class MergeParams(Section):
     method: Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"] = "linear"
     # Members are model names: `base`, `sft-{lang}`, `grpo_base-{lang}`, `grpo_sft-{lang}`.
     members: list[str] = ["base", "sft-ja", "sft-fr", "sft-es"]
+    # One per member, in the members' order (null: 1.0 each).
     weights: list[float] | None = None
+    # Divide by the sum of the weights (every method but SLERP).
     normalize: bool = True
-    # Extra per-method mergekit parameters (density for DARE/TIES, t for SLERP, ...).
+    # Per-method mergekit parameters (density for TIES and DARE, t for SLERP, lambda, ...): MERGE_METHODS says which.
     parameters: dict[str, Any] = {}
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The inits of the GRPO models among the members (`grpo_sft-ja` -> sft). DVC cannot read model names: one
+    # `merge_members@{init}` stage per entry makes the merge depend on those GRPO models (dvc.yaml), and none by
+    # default, so that a GRPO change reruns the merge only when the merge takes GRPO models.
+    grpo_inits: list[Literal["base", "sft"]] = []
 
     @model_validator(mode="after")
     def _weights_match(self) -> MergeParams:
@@ -538,9 +562,28 @@ class MergeParams(Section):
             raise ValueError(f"members: {self.method} merges differences from the base model: list `base` first")
         if needs.members is not None and len(self.members) != needs.members:
             raise ValueError(f"members: {self.method} takes exactly {needs.members} members, got {len(self.members)}")
+        if self.weights is not None and not needs.weighted:
+            raise ValueError(f"weights: {self.method} takes no weights (its parameters set the mix); set null")
         missing = [key for key in needs.parameters if key not in self.parameters]
         if missing:
             raise ValueError(f"parameters: {self.method} needs {', '.join(missing)}")
+        unknown = sorted(set(self.parameters) - set(needs.accepted))
+        if unknown:
+            raise ValueError(
+                f"parameters: {self.method} takes {', '.join(needs.accepted) or 'no parameters'}, not "
+                f"{', '.join(unknown)}"
+            )
+        for key, (low, high, low_allowed) in _SHARES.items():
+            value = self.parameters.get(key)
+            if value is not None and not (low <= value <= high and (low_allowed or value > low)):
+                bound = "[" if low_allowed else "("
+                raise ValueError(f"parameters: {key} must be in {bound}{low}, {high}], got {value}")
+        inits = sorted({name.split("-")[0].removeprefix("grpo_") for name in self.members if name.startswith("grpo_")})
+        if sorted(set(self.grpo_inits)) != inits:
+            raise ValueError(
+                f"grpo_inits: the members' GRPO models are from {inits or 'no'} init, so grpo_inits must be {inits} "
+                f"(it is {self.grpo_inits}): it makes the merge depend on exactly those models"
+            )
         return self
 
 

@@ -57,6 +57,16 @@ def checkpoints_dir(stage: str) -> Path:
     return cache_dir() / "checkpoints" / stage
 
 
+def merge_members_dir() -> Path:
+    """The digests of the GRPO models the merge takes, one file per init (`merge_members@{init}`): the merge stage
+    depends on this folder, which git keeps (it holds a .gitignore) so that it exists when no such stage does."""
+    return data_dir() / "merge_members"
+
+
+def merge_members_file(init: str) -> Path:
+    return merge_members_dir() / f"grpo_{init}.json"
+
+
 def lora_merge_cache() -> Path:
     """Where mergekit applies LoRA adapters to their parent models."""
     return cache_dir() / "lora_merge"
@@ -135,6 +145,11 @@ def report_file() -> Path:
 
 def report_metrics_file() -> Path:
     return reports_dir() / "metrics.json"
+
+
+def compare_report() -> Path:
+    """`budget-align compare`'s table of every experiment (its figure beside it): a view, no stage's output."""
+    return reports_dir() / "compare.md"
 
 
 def figures_dir() -> Path:

@@ -57,6 +57,8 @@ STAGES: dict[str, Stage] = {
         Stage("grpo", "train.grpo", ("grpo", "prompts", "scoring", "compute", "seed", *MODEL_LOADING),
               ("init", "lang")),
         Stage("merge", "merge", ("merge", "seed", "trust_remote_code")),
+        # The GRPO models among the merge's members, as digests the merge depends on (merge.py).
+        Stage("merge_members", "merge", ("merge.members", "merge.grpo_inits"), ("init",)),
         Stage("problems", "evaluation.problems", ("evaluation.datasets", "evaluation.limit"), ("lang",)),
         Stage("generate", "evaluation.generate", ("evaluation.datasets", *SAMPLING, "evaluation.tensor_parallel_size",
               "prompts", "seed", "compute.device", "compute.torch_threads", *MODEL_LOADING), ("regime", "lang")),

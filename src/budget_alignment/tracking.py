@@ -39,6 +39,30 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.repo_root().resolve() / 'mlflow.db'}"
 
 
+# The experiment's kind, as MLflow 3's UI records it when asked "GenAI apps & agents or Machine learning?": these runs
+# are machine learning. (The UI's landing page is decided by its GenAI / Model training switch, not by this tag:
+# `runs_page` is the URL that opens on the runs table.) A kind someone chose in the UI is kept.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def experiment_id(name: str) -> str:
+    """The experiment's id (created if missing), tagged to open on its runs table. Call with the tracking URI set."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def runs_page(server: str, experiment: str) -> str:
+    """The runs table of an experiment in MLflow 3's UI on a server (`http://127.0.0.1:5000`). Without
+    `workflowType=machine_learning` the UI opens on its GenAI side (an experiment's Overview, no runs in sight) until
+    one switches to "Model training"; the switch is the UI's, stored in the browser, so the URL carries it."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """`{"grpo": {"clip_high": 0.28}}` -> `{"grpo.clip_high": 0.28}`; lists stay whole values."""
     flat: dict[str, Any] = {}
@@ -269,9 +293,8 @@ def _start_mlflow_run(
         import mlflow
 
         mlflow.set_tracking_uri(uri)
-        experiment_id = mlflow.set_experiment(experiment).experiment_id
         client = mlflow.MlflowClient()
-        run = client.create_run(experiment_id, run_name=stage, tags=dict(tags))
+        run = client.create_run(experiment_id(experiment), run_name=stage, tags=dict(tags))
         items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):  # the REST API takes at most 100 params a call
             client.log_batch(run.info.run_id, params=items[start : start + 100])

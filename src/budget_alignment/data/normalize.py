@@ -262,6 +262,45 @@ def spanish_math_notation(text: str, lang: str) -> str:
     return _MODULO.sub("mod", text)
 
 
+# --- tokenizer-aware spacing ---------------------------------------------------------------------------------------
+
+# Byte-level BPE vocabularies that split numbers into digits (SmolLM2's, Qwen2's) make a blank before a digit a token
+# of its own: "3 + 4" is 4 tokens and "3+4" 3, "12 個" 5 and "12個" 4 (tests/test_normalize.py counts them on the
+# tiny tokenizer, benchmarks/numeral_spacing.py on SmolLM2's).
+SPACELESS_LANGUAGES = frozenset({"ja", "zh"})
+# Kana, CJK ideographs, CJK punctuation (not the ideographic space) and full-width forms.
+_CJK = "\u3001-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff01-\uff60"
+_BLANKS = "[ \t\u00a0\u3000]+"
+# Stands for a math span while the blanks around it are adjusted (a private-use character real text does not hold).
+_FORMULA = "\ue000"
+_SPACED_OPERATOR = re.compile(r"(?<=\d)[ \t\u00a0]*([+\-*/=<>×÷^])[ \t\u00a0]*(?=\d)")
+# A numeral, a formula or a LaTeX command (`\boxed{15}`) next to Japanese text, blanks between.
+_BLANKS_AFTER_CJK = re.compile(rf"(?<=[{_CJK}]){_BLANKS}(?=[\d\\{_FORMULA}])")
+_BLANKS_BEFORE_CJK = re.compile(rf"(?<=[\d}}{_FORMULA}]){_BLANKS}(?=[{_CJK}])")
+
+
+@rule("compact_numeral_spacing")
+def compact_numeral_spacing(text: str, lang: str) -> str:
+    """No blanks around an operator between numerals (`3 + 4 = 7` -> `3+4=7`, every language) nor, in Japanese and
+    Chinese, between text and a numeral, a formula or `\\boxed{}` (`は \\boxed{15} です` -> `は\\boxed{15}です`).
+
+    Inside math (`$...$`, `\\(...\\)`, display math) nothing changes: those spans are kept byte for byte.
+    """
+    if _FORMULA in text:
+        return text
+    formulas: list[str] = []
+
+    def hide(match: re.Match[str]) -> str:
+        formulas.append(match.group())
+        return _FORMULA
+
+    text = _SPACED_OPERATOR.sub(r"\1", _MATH.sub(hide, text))
+    if lang in SPACELESS_LANGUAGES:
+        text = _BLANKS_BEFORE_CJK.sub("", _BLANKS_AFTER_CJK.sub("", text))
+    restored = iter(formulas)
+    return re.sub(_FORMULA, lambda _: next(restored), text)
+
+
 # --- applying rules ------------------------------------------------------------------------------------------------
 
 
