@@ -10,7 +10,6 @@ exit status 1, never a traceback (`main`).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections.abc import Iterator
@@ -30,9 +29,6 @@ if TYPE_CHECKING:
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-# A write that fails for lack of space or permission, wherever it happens (an output, a checkpoint, a cache).
-WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
-
 
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -47,17 +43,18 @@ class OneLineErrors(typer.core.TyperGroup):
     """
 
     def invoke(self, ctx):
-        from budget_alignment.io import OutputError
+        from budget_alignment.io import write_failure
 
         try:
             return super().invoke(ctx)
         except StageError as error:
             fail(str(error))
-        except OSError as error:
-            if not isinstance(error, OutputError) and error.errno not in WRITE_FAILURES:
+        except Exception as error:
+            # Stages name the path (io.writing); a write no stage wrapped still ends in one line, with its cause.
+            failure = write_failure(error)
+            if failure is None:
                 raise
-            where = f"cannot write {error.filename}: {error.strerror}" if error.filename else error.strerror
-            fail(f"{where or error}. Free space or fix the path, then rerun: finished outputs and caches are kept.")
+            fail(f"{failure.strerror}. Free space or fix the path, then rerun: finished outputs and caches are kept.")
 
 
 app = typer.Typer(
