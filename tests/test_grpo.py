@@ -32,14 +32,13 @@ def project(tmp_path, monkeypatch):
     return enter_project(tmp_path, monkeypatch)
 
 
-def config_for(params: Params, tmp_path: Path, report_to="none"):
+def config_for(params: Params, tmp_path: Path):
     return grpo.grpo_config(
         params.grpo,
         stage="grpo@sft-ja",
         compute=params.compute,
         seed=params.seed,
         output_dir=tmp_path / "checkpoints",
-        report_to=report_to,
     )
 
 

@@ -111,7 +111,6 @@ def grpo_config(
     compute: ComputeParams,
     seed: int,
     output_dir: Path,
-    report_to: str | list[str],
 ) -> GRPOConfig:
     """`grpo.*` as TRL's GRPOConfig, one field per param (reward weights in the order of `reward_weights`)."""
     from trl import GRPOConfig
@@ -128,7 +127,6 @@ def grpo_config(
             save_steps=grpo.save_steps,
             logging_steps=grpo.logging_steps,
             gradient_checkpointing=grpo.gradient_checkpointing,
-            report_to=report_to,
         ),
         learning_rate=grpo.learning_rate,
         epsilon=grpo.clip_low,
@@ -181,6 +179,7 @@ def make_grpo_trainer(
     config: GRPOConfig,
     reward_functions: Sequence[rewards.RewardFunction],
     peft_config: LoraConfig | None,
+    run: StageRun | None = None,
 ) -> GRPOTrainer:
     from transformers import set_seed
     from trl import GRPOTrainer
@@ -193,6 +192,7 @@ def make_grpo_trainer(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=setup.tracking_callbacks(run),
     )
 
 
@@ -247,12 +247,10 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
         compute=params.compute,
         seed=params.seed,
         output_dir=checkpoint_dir,
-        report_to=setup.report_to(run),
     )
     names = list(settings.reward_weights)
-    trainer = make_grpo_trainer(
-        policy.model, tokenizer, dataset, config, rewards.build_rewards(names, params.scoring), policy.peft_config
-    )
+    reward_functions = rewards.build_rewards(names, params.scoring)
+    trainer = make_grpo_trainer(policy.model, tokenizer, dataset, config, reward_functions, policy.peft_config, run)
     resumed_from = checkpoints.train_resumably(trainer, checkpoint_dir)
     if run is not None and resumed_from is not None:
         run.add_budget(resumed_from_step=resumed_from)  # a fact of this run, not of its inputs
