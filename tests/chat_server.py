@@ -2,6 +2,11 @@
 
 `script` answers the next requests (status and payload), then `reply` translates the user's text. Every request's
 body and headers are kept. Importable by tests: `from chat_server import ChatServer, pseudo_french`.
+
+`ChatServer(reply=translator)` with `translator` (a deterministic stand-in for a translator in any of ja/fr/es, the
+language read from the system prompt) serves the paper-shaped end-to-end test: a 135M model cannot translate well
+enough to pass the translate contract (benchmarks/RESULTS.md), and the test needs translations that do, and some
+that do not.
 """
 
 from __future__ import annotations
@@ -21,9 +26,33 @@ FRENCH = [
 # fmt: on
 
 
+WORDS = {
+    "fr": FRENCH,
+    "es": ["el", "la", "los", "de", "del", "que", "en", "con", "para", "por", "manzana", "gato", "casa", "tenemos",
+           "entonces", "muy", "bien", "es", "una", "sobre"],
+    "ja": ["りんご", "ねこ", "いえ", "です", "ます", "これは", "それから", "ともだち", "かいます", "あります", "ので"],
+}  # fmt: skip
+LANGUAGES = {"French": "fr", "Spanish": "es", "Japanese": "ja"}
+
+
+def pseudo_translation(text: str, lang: str) -> str:
+    """A deterministic stand-in for a translator: every English word becomes a word of `lang`, markers stay."""
+    words = WORDS[lang]
+    return re.sub(r"[A-Za-z]+", lambda m: words[sum(map(ord, m.group())) % len(words)], text)
+
+
 def pseudo_french(text: str) -> str:
-    """A deterministic stand-in for a translator: every English word becomes a French word, markers stay."""
-    return re.sub(r"[A-Za-z]+", lambda m: FRENCH[sum(map(ord, m.group())) % len(FRENCH)], text)
+    return pseudo_translation(text, "fr")
+
+
+def translator(body: dict) -> str:
+    """The pseudo translation into the language the system prompt asks for; a text about Mia loses its first
+    marker, whatever the attempt, so its record is quarantined."""
+    system = body["messages"][0]["content"]
+    lang = next(code for name, code in LANGUAGES.items() if f"into {name}" in system)
+    text = body["messages"][-1]["content"]
+    reply = pseudo_translation(text, lang)
+    return re.sub(r"⟦\d+⟧", "", reply, count=1) if "Mia" in text else reply
 
 
 def completion(text: str) -> dict:
@@ -52,11 +81,13 @@ def sleepy(seconds: float) -> Action:
 
 
 class ChatServer:
-    def __init__(self) -> None:
+    def __init__(self, reply: Callable[[dict], str] | None = None) -> None:
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.script: list[Action] = []
         self.reply: Callable[[str], str] = pseudo_french
+        # Replies computed from the whole request (`translator`), instead of from the user's text (`reply`).
+        self.reply_to_request = reply
         self.block_at: int | None = None  # hang on this request number (1-based), for crash tests
         self.blocked = threading.Event()
         self.release = threading.Event()
@@ -79,7 +110,9 @@ class ChatServer:
                     server.release.wait(30)
                     return
                 status_code, payload = action(body) if action else (200, None)
-                if payload is None:
+                if payload is None and server.reply_to_request is not None:
+                    payload = completion(server.reply_to_request(body))
+                elif payload is None:
                     payload = completion(server.reply(body["messages"][-1]["content"]))
                 data = json.dumps(payload).encode()
                 try:

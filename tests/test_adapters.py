@@ -6,6 +6,7 @@ sampled, merged and served on the SFT model, never on the base.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,9 @@ def test_an_adapter_whose_parent_is_missing_or_outside_the_pipeline_is_refused(p
     sft.train_sft(params, "ja")
     adapter = paths.model_dir("sft-ja")
     assert loading.adapter_parent(adapter) == paths.base_model_dir()
+    # PEFT lists all-linear's modules from a set: written sorted, the same adapter is the same output in any process.
+    modules = json.loads((adapter / loading.ADAPTER_CONFIG).read_text())["target_modules"]
+    assert len(modules) > 1 and modules == sorted(modules)
     loading.record_adapter_parent(adapter, "/somewhere/else")
     with pytest.raises(loading.ModelFolderError, match="is not a folder of the pipeline's models"):
         loading.load_model(adapter, params)

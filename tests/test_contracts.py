@@ -270,3 +270,17 @@ def test_every_check_is_described():
         "protected_spans_restored",
     }
     assert planted == set(CHECKS)
+
+
+def test_when_every_record_was_quarantined_upstream_the_checks_judge_zero_rows(in_stage_data):
+    from budget_alignment.data.contracts import check_translated
+    from budget_alignment.params import MachineTranslationParams, TranslationParams
+
+    english = load_records_of("chains")[:3]
+    entry = TranslationParams(machine=MachineTranslationParams())
+    prior = {problem.id: ["protected_spans_restored"] for problem in english}
+    outcome = check_translated(
+        [], english, lang="fr", entry=entry, stage="translate@chains", max_rejected_fraction=1.0, prior=prior
+    )
+    assert outcome.passed and not outcome.table_failures
+    assert outcome.rejected == prior and outcome.rejected_fraction == 1.0

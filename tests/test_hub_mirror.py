@@ -20,6 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """`datasets` keeps its arrow files under the project's cache: a test's own."""
+    monkeypatch.setenv("BUDGET_ALIGNMENT_CACHE", str(tmp_path / ".cache"))
+
+
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory) -> Path:
     return write_hub_mirror(tmp_path_factory.mktemp("mirror") / "hub")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from chat_server import ChatServer
+from chat_server import translator as chat_translator
 from hub_mirror import write_hub_mirror
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,8 +57,23 @@ REGIMES = ["base", "sft", "grpo_base", "grpo_sft", "merge"]
 
 
 def overrides(root: Path) -> list[str]:
-    """The project's Hydra overrides, its hub mirror (beside the repository) included."""
-    return [*OVERRIDES, f"hub_mirror={root.parent / 'hub_mirror'}"]
+    """The project's Hydra overrides: its hub mirror (beside the repository) and its translator's address included.
+    The key the translator is called with is the planted one (the last test greps for it)."""
+    url = (root.parent / "translator_url").read_text()
+    return [
+        *OVERRIDES,
+        f"hub_mirror={root.parent / 'hub_mirror'}",
+        f"translate.base_url={url}",
+        "translate.api_key_env=OPENAI_API_KEY",
+    ]
+
+
+@pytest.fixture(scope="module")
+def translator():
+    """The OpenAI-compatible server the paper-shaped profile translates through (tests/chat_server.py)."""
+    server = ChatServer(reply=chat_translator)
+    yield server
+    server.close()
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1800) -> subprocess.CompletedProcess:
@@ -116,9 +133,10 @@ def stages_ran(output: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict]:
+def project(tmp_path_factory, translator) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("e2e") / "repo"
     root.mkdir()
+    (root.parent / "translator_url").write_text(translator.url)
     copy_project(root)
     env = project_env(root)
     write_hub_mirror(root.parent / "hub_mirror")
@@ -176,20 +194,23 @@ def test_every_stage_has_its_mlflow_run_in_the_repository_database(project):
     assert expected <= names
 
 
-def test_the_run_took_every_branch_of_the_paper_profile(project):
+def test_the_run_took_every_branch_of_the_paper_profile(project, translator):
     root, _ = project
     log = (root.parent / "logs/repro.log").read_text()
     # Hub datasets through the real loaders, from the local mirror.
     ingested = json.loads((root / "data/ingested/chains.jsonl").read_text().splitlines()[0])
     assert ingested["provenance"]["source"] == "hub" and ingested["provenance"]["mirror"]
-    # Machine translation with the local base model; what failed its contract is quarantined, named with its check.
+    # Machine translation through the local translator, retried with another seed before a record is quarantined:
+    # the chain about Mia keeps losing a marker, so it lands in the rejected file with the check it failed.
     translated = [json.loads(line) for line in (root / "data/translated/chains/ja.jsonl").read_text().splitlines()]
     assert translated and all(r["provenance"]["translation"]["method"] == "machine" for r in translated)
-    assert translated[0]["provenance"]["translation"]["backend"] == "transformers"
-    rejected = root / "reports/data_quality/rejected/translate@chains/ja.jsonl"
+    assert translated[0]["provenance"]["translation"]["backend"] == "openai"
+    rejected = [json.loads(line) for line in (root / "reports/data_quality/rejected/translate@chains/ja.jsonl").open()]
     report = json.loads((root / "reports/data_quality/translate@chains/ja.json").read_text())
-    assert report["rejected"] == len(rejected.read_text().splitlines())
-    assert report["rejected"] + len(translated) == 4  # datasets.chains.limit
+    assert report["rejected"] == len(rejected) == 1 and len(translated) == 3  # of datasets.chains.limit = 4
+    assert rejected[0]["id"] == "chains-0000" and rejected[0]["checks"] == ["protected_spans_restored"]
+    assert "chains-0000" not in {r["id"] for r in translated}  # the chain about Mia
+    assert {h.get("authorization") for h in translator.headers} == {f"Bearer {PLANTED_SECRETS['OPENAI_API_KEY']}"}
     # A full-parameter SFT on two processes, a GRPO LoRA on it and one on the base, a merge of whole models.
     assert "launching 2 processes" in log and "training on 2 processes (MULTI_CPU)" in log
     sft_model = root / "data/models/sft/ja"

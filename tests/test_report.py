@@ -160,3 +160,25 @@ def test_a_missing_score_file_names_the_stage(project):
     paths.score_metrics_file("merge", "es").unlink()
     with pytest.raises(report.ReportError, match=r"run stage score@merge-es first"):
         report.build_report(project)
+
+
+def test_a_list_in_a_score_file_is_no_figure(project):
+    # `budget-align score` lists the pass@k it left out; the report flattens numbers only.
+    path = paths.score_metrics_file("sft", "ja")
+    scores = json.loads(path.read_text())
+    scores["aime25"]["left_out"] = []
+    write_json(path, scores)
+    flat = report.flat_metrics(report.load_scores(project))
+    assert "sft.ja.aime25.left_out" not in flat
+    assert flat["sft.ja.aime25.following"] == 0.4
+
+
+def test_a_score_file_without_a_pass_at_k_of_the_params_is_a_clear_error(project):
+    path = paths.score_metrics_file("sft", "fr")
+    scores = json.loads(path.read_text())
+    k = max(project.evaluation.k)
+    del scores["aime25"][f"pass@{k}"]
+    scores["aime25"]["left_out"] = [f"pass@{k}"]
+    write_json(path, scores)
+    with pytest.raises(report.ReportError, match=rf"sft-fr.json: aime25 has no pass@{k} \(too few samples"):
+        report.load_scores(project)

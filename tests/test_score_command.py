@@ -206,12 +206,47 @@ def test_a_repeated_sample_is_a_clean_error(files: tuple[Path, Path], params: Pa
     _assert_clean_error(result, f"{completions}:10", "sample 0 appears twice")
 
 
-def test_too_few_samples_for_max_k_names_the_problem(files: tuple[Path, Path], params: Params, tmp_path: Path) -> None:
+def test_too_few_samples_for_a_k_score_the_rest_and_name_what_was_left_out(
+    files: tuple[Path, Path], params: Params, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     problems, completions = files
     lines = completions.read_text(encoding="utf-8").splitlines()
     completions.write_text("\n".join(lines[:-2]) + "\n", encoding="utf-8")  # c1 keeps one sample
-    result = _run(str(problems), str(completions), "--out", str(tmp_path / "s.jsonl"))
-    _assert_clean_error(result, "problem 'c1' has 1 samples, fewer than max(k) = 2")
+    out = tmp_path / "s.jsonl"
+    with caplog.at_level("WARNING"):
+        result = _run(str(problems), str(completions), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "s.metrics.json").read_text(encoding="utf-8"))
+    # quiz: one problem with one sample, so pass@1 only; algebra keeps both and lists nothing.
+    assert metrics["quiz"]["pass@1"] == 1.0  # its one sample is the right letter
+    assert "pass@2" not in metrics["quiz"]
+    assert metrics["quiz"]["left_out"] == ["pass@2"]
+    assert metrics["quiz"]["samples"] == 1
+    assert "left_out" not in metrics["algebra"]
+    assert metrics["algebra"]["pass@2"] == pytest.approx(EXPECTED_METRICS["algebra"]["pass@2"])
+    assert "quiz: pass@2 left out: a problem has only 1 sample" in caplog.text
+    # MLflow and DVC get numbers only: the list is skipped by the tracker, and stays a plain JSON list in the file.
+    assert tracking.flatten(metrics)["quiz.left_out"] == ["pass@2"]
+
+
+def test_one_sample_per_problem_scores_pass_at_1_only() -> None:
+    scores = [
+        Score(
+            problem_id=f"p{i}",
+            sample=0,
+            extracted="1",
+            correct=i % 2 == 0,
+            think_in_lang=True,
+            answer_in_lang=True,
+            following=True,
+            format_ok=True,
+        )
+        for i in range(4)
+    ]
+    metrics = scoring.dataset_metrics(scores, [10] * 4, [1, 4, 2])
+    assert metrics["pass@1"] == 0.5
+    assert metrics["left_out"] == ["pass@2", "pass@4"]
+    assert not {"pass@2", "pass@4"} & metrics.keys()
 
 
 def test_a_missing_input_is_a_clean_error(params: Params, tmp_path: Path) -> None:

@@ -75,10 +75,16 @@ def adapter_parent(folder: str | Path) -> Path:
 
 
 def record_adapter_parent(folder: str | Path, parent: str | Path) -> None:
-    """Write the parent model (a path relative to the repository) into an adapter folder."""
+    """Write the parent model (a path relative to the repository) into an adapter folder.
+
+    The file is written in a stable form: PEFT lists `target_modules` from a set, in an order that changes from one
+    process to the next, which would make the same adapter a different output.
+    """
     config_file = Path(folder) / ADAPTER_CONFIG
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = Path(parent).as_posix()
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

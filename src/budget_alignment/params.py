@@ -18,6 +18,7 @@ from budget_alignment.errors import StageError
 from budget_alignment.languages import supported_languages
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 LangCode = Annotated[str, Field(pattern=r"^[a-z]{2}$")]
 REGIMES = ("base", "sft", "grpo_base", "grpo_sft", "merge")
@@ -296,18 +297,25 @@ class LanguageCheckParams(Section):
     """Thresholds of the language-consistency judgement (metric and reward alike); see scoring/language.py."""
 
     # A span with fewer letters than this, once math, code and numbers are removed, cannot be judged: consistent.
-    min_letters: PositiveInt = 20
-    # Segments are judged one by one; a segment shorter than this (in letters) is merged with the next one.
-    # French, Spanish and English are told apart reliably from about 40 letters on; 60 (one or two sentences)
-    # judges a 2,000-token chain a third faster than 40 and still catches a two-sentence switch.
-    min_segment_letters: PositiveInt = 60
-    # A span follows when at least this share of its letters sits in segments of the target language.
+    # Letters are counted at what they carry (a Han character as 3, a kana or Hangul one as 1.5-2).
+    min_letters: PositiveFloat = 4
+    # A sentence lingua gives to another language counts against the target only when the log of lingua's confidence
+    # in that language over its confidence in the target reaches this (adjacent sentences with the same winner are
+    # weighed together, their log-odds summed).
+    min_other_log_odds: PositiveFloat = 1.0
+    # Such a run shorter than this (letters), inside a longer span, needs twice those log-odds (a name looks foreign).
+    min_other_letters: PositiveFloat = 16
+    # Han characters without kana are Chinese, not Japanese, from this many letters' worth on (5 characters);
+    # shorter kanji-only fragments (headings such as 解答, 証明) are no evidence either way.
+    min_han_letters: PositiveFloat = 15
+    # A span follows when at least this share of its letters sits in sentences of the target language.
     min_target_share: Probability = 0.9
-    # Japanese needs kana: at least this share of a segment's Japanese-script letters (Han without kana is Chinese).
+    # Japanese needs kana: at least this share of a sentence's kana and Han characters (Han without kana is Chinese).
     min_kana_share: Probability = 0.1
-    # Languages lingua may choose among besides the target (only those in the target's script are used; the
-    # others are told apart by script). Each one more costs speed: three run about twice as fast as six.
-    candidates: list[LangCode] = ["en", "fr", "es"]
+    # What lingua chooses among besides the target: `neighbours`, English and the languages lingua confuses with the
+    # target (measured: languages.py); `script`, every language lingua knows in the target's script (several times
+    # slower: each language's models take ~0.3 s to load and lengthen every call).
+    candidates: Literal["neighbours", "script"] = "neighbours"
 
 
 class ScoringParams(Section):

@@ -50,8 +50,12 @@ class ReportError(StageError, RuntimeError):
     """A score file the report needs is missing or unreadable."""
 
 
-def load_scores(params: Params) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
-    """(regime, lang) -> dataset -> metric -> value, from reports/scores/*.json."""
+def load_scores(params: Params) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
+    """(regime, lang) -> dataset -> metric -> value, from reports/scores/*.json.
+
+    Every pass@k of `evaluation.k` must be there: a score file whose samples were too few for one (`left_out`) is
+    an error, not a missing bar.
+    """
     scores = {}
     for regime, lang in params.evaluated_pairs():
         path = paths.score_metrics_file(regime, lang)
@@ -61,15 +65,23 @@ def load_scores(params: Params) -> dict[tuple[str, str], dict[str, dict[str, flo
             raise ReportError(f"{path} is missing: run stage score@{regime}-{lang} first") from None
         except json.JSONDecodeError as error:
             raise ReportError(f"{path}: not valid JSON ({error.msg})") from None
+        for dataset, metrics in scores[(regime, lang)].items():
+            missing = [f"pass@{k}" for k in params.evaluation.k if f"pass@{k}" not in metrics]
+            if missing:
+                raise ReportError(
+                    f"{path}: {dataset} has no {', '.join(missing)} (too few samples per problem for evaluation.k)"
+                )
     return scores
 
 
-def flat_metrics(scores: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+def flat_metrics(scores: Mapping[tuple[str, str], Mapping[str, Mapping[str, Any]]]) -> dict[str, float]:
+    """`{regime}.{lang}.{dataset}.{metric}` -> value, for the numbers only (a list such as `left_out` is no figure)."""
     flat = {}
     for (regime, lang), datasets in scores.items():
         for dataset, metrics in datasets.items():
             for metric, value in metrics.items():
-                flat[f"{regime}.{lang}.{dataset}.{metric}"] = value
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    flat[f"{regime}.{lang}.{dataset}.{metric}"] = value
     return dict(sorted(flat.items()))
 
 

@@ -43,6 +43,21 @@ __all__ = ["CHECKS", "ContractOutcome", "ContractViolation", "check_ingested", "
 # --- the frame -----------------------------------------------------------------------------------------------------
 
 TEXT_FIELDS = ("question", "choices_text", "solution")
+COLUMNS = (
+    "id",
+    "dataset",
+    "lang",
+    "question",
+    "answer",
+    "answer_type",
+    "choice_letters",
+    "choice_count",
+    "choices_text",
+    "solution",
+    "text",
+    "source_answer",
+)
+ALIGNED_COLUMNS = ("en_answer", "en_choice_count", "en_question", "en_choices_text", "en_solution", "length_ratio")
 
 
 def problem_frame(records: Sequence[Problem], english: Sequence[Problem] | None = None) -> pd.DataFrame:
@@ -79,9 +94,9 @@ def problem_frame(records: Sequence[Problem], english: Sequence[Problem] | None 
                 }
             )
         rows.append(row)
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        frame = pd.DataFrame(columns=["id", "dataset", "lang", "question", "answer", "answer_type", "text"])
+    columns = [*COLUMNS, *(ALIGNED_COLUMNS if english is not None else ())]
+    # No records (all of them quarantined upstream): the same columns, so every expectation judges zero rows.
+    frame = pd.DataFrame(rows, columns=columns)
     # Object columns keep None as None (pandas 3 would otherwise infer string dtypes with NaN).
     return frame.astype({column: object for column in frame.columns if column not in ("choice_count", "length_ratio")})
 

@@ -176,6 +176,19 @@ def fetch_hub_dataset(source: HubDatasetSource) -> tuple[Any, str | None]:
     return dataset, commit
 
 
+def hub_provenance(source: HubDatasetSource, commit: str | None, **extra: Any) -> dict[str, Any]:
+    """What records keep of a hub source: the repository, the revision asked for, the commit it resolved to."""
+    return {
+        "source": "hub",
+        "repo_id": source.repo_id,
+        "revision": source.revision,
+        "resolved_commit": commit,
+        "config": source.config,
+        "split": source.split,
+        **extra,
+    }
+
+
 def mirror_configs(folder: Path) -> dict[str, list[str] | None] | None:
     """The configs of a hub dataset snapshot and their splits, from the `configs:` of its README.md card; None where
     the card declares none (the `datasets` library then infers the layout from the files)."""
@@ -242,16 +255,9 @@ def read_hub_mirror(source: HubDatasetSource, mirror: str) -> RawRows:
     commit = _mirror_commit(folder)
     if commit and is_commit_hash(source.revision) and commit != source.revision:
         log.warning("%s holds commit %s, not the revision %s that params ask for", where, commit, source.revision)
-    provenance = {
-        "source": "hub",
-        "repo_id": source.repo_id,
-        "revision": source.revision,
-        "resolved_commit": commit,
-        "config": source.config,
-        "split": source.split,
-        "mirror": portable_path(mirror),
-        "sha256": tree_digest(folder, contents=True),
-    }
+    provenance = hub_provenance(
+        source, commit, mirror=portable_path(mirror), sha256=tree_digest(folder, contents=True)
+    )
     return RawRows(dataset.to_list(), where, provenance)
 
 
@@ -265,16 +271,8 @@ def read_hub(source: HubDatasetSource) -> RawRows:
         raise
     except Exception as error:  # datasets/hub errors have many types; the message is what the user needs
         raise SourceError(f"{where}: cannot load: {type(error).__name__}: {error}") from None
-    provenance = {
-        "source": "hub",
-        "repo_id": source.repo_id,
-        "revision": source.revision,
-        "resolved_commit": commit,
-        "config": source.config,
-        "split": source.split,
-    }
     rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
-    return RawRows(rows, where, provenance)
+    return RawRows(rows, where, hub_provenance(source, commit))
 
 
 def bundled_sets() -> list[str]:

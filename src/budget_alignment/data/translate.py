@@ -51,8 +51,6 @@ from budget_alignment.records import Problem, RecordError, read_records
 if TYPE_CHECKING:
     from budget_alignment.tracking import StageRun
 
-__all__ = ["TranslationError", "human_translation", "machine_translate", "translate_dataset"]
-
 log = logging.getLogger(__name__)
 
 # The check under which a record is quarantined when one of its chunks never came back with its markers.
@@ -86,12 +84,9 @@ class TranslationStats:
     chunks: int = 0
     unchanged_chunks: int = 0
     unique_chunks: int = 0
-    # Replies of the first attempt found in the cache.
-    cache_hits: int = 0
-    # Replies asked of the backend (every attempt).
-    translated: int = 0
-    # Replies that broke their markers or came back empty (every attempt).
-    rejected_replies: int = 0
+    cache_hits: int = 0  # replies of the first attempt found in the cache
+    translated: int = 0  # replies asked of the backend, every attempt
+    rejected_replies: int = 0  # replies that broke their markers or came back empty, every attempt
     # Chunks asked again (every retry attempt), and the records none of whose attempts restored every marker.
     retried_chunks: int = 0
     unassembled_records: int = 0
@@ -301,14 +296,9 @@ def machine_translate(
     from tqdm.auto import tqdm
 
     work = _Translation(english, lang, settings, translator, cache)
+    stats = work.stats
     log.info(
-        "translate to %s: %d records, %d chunks (%d unique) with %s %s",
-        lang,
-        len(english),
-        work.stats.chunks,
-        work.stats.unique_chunks,
-        translator.name,
-        translator.model_id,
+        "translate to %s: %d records, %d chunks (%d unique)", lang, len(english), stats.chunks, stats.unique_chunks
     )
     order = {key: position for position, key in enumerate(work.pieces)}
     with tqdm(desc=f"translate {lang}", unit="chunk", disable=None if progress is None else not progress) as bar:
@@ -318,22 +308,16 @@ def machine_translate(
             records, _ = work.assemble()
             minimum, maximum = length_ratio
             for index, record in records.items():
-                failures = translation_failures(
-                    record, english[index], min_length_ratio=minimum, max_length_ratio=maximum
-                )
-                if failures:
+                if translation_failures(record, english[index], min_length_ratio=minimum, max_length_ratio=maximum):
                     retry.update(work.record_keys.get(index, []))
             if not retry:
                 break
             log.info("translate to %s: attempt %d asks again for %d chunk(s)", lang, number + 1, len(retry))
             work.attempt(number, sorted(retry, key=order.__getitem__), bar)
     records, missing = work.assemble()
-    work.stats.unassembled_records = len(missing)
-    return MachineTranslation(
-        [records[index] for index in sorted(records)],
-        {english[index].id: why for index, why in sorted(missing.items())},
-        work.stats,
-    )
+    stats.unassembled_records = len(missing)
+    unassembled = {english[index].id: why for index, why in sorted(missing.items())}
+    return MachineTranslation([records[index] for index in sorted(records)], unassembled, stats)
 
 
 # --- human translations --------------------------------------------------------------------------------------------
@@ -359,7 +343,6 @@ def human_translation(
     for original, version in pairs:
         if original.answer_type == "choice" and not version.choices:
             raise SourceError(f"{lang} translation of {dataset}: record {original.id!r}, field 'choices': missing")
-        source_provenance = {k: v for k, v in version.provenance.items() if k != "row"}
         records.append(
             Problem(
                 id=original.id,
@@ -374,7 +357,7 @@ def human_translation(
                     **original.provenance,
                     "translation": {
                         "method": "human",
-                        "source": source_provenance,
+                        "source": {k: v for k, v in version.provenance.items() if k != "row"},
                         "source_id": version.id,
                         "source_answer": version.answer,
                     },
@@ -392,10 +375,10 @@ def stage_languages(params: Params, dataset: str, langs: Sequence[str] | None = 
     if dataset not in params.datasets:
         raise TranslationError(f"dataset {dataset!r} is not in params (datasets: {', '.join(params.datasets)})")
     entries = params.datasets[dataset].translation
-    for lang in langs or []:
-        if lang not in entries:
-            raise TranslationError(f"datasets.{dataset}.translation has no entry for {lang!r}")
-    return list(langs) if langs else list(entries)
+    unknown = [lang for lang in langs or [] if lang not in entries]
+    if unknown:
+        raise TranslationError(f"datasets.{dataset}.translation has no entry for {unknown[0]!r}")
+    return list(langs or entries)
 
 
 def translate_dataset(
@@ -441,28 +424,12 @@ def translate_dataset(
                     backend = make_backend(settings, loading.trusts_remote_code(params, settings.model))
                     translators[settings] = backend
                 cache = cache or TranslationCache.default()
-                result = machine_translate(
-                    english,
-                    lang,
-                    settings,
-                    backend,
-                    cache,
-                    length_ratio=(entry.min_length_ratio, entry.max_length_ratio),
-                )
+                bounds = (entry.min_length_ratio, entry.max_length_ratio)
+                result = machine_translate(english, lang, settings, backend, cache, length_ratio=bounds)
                 records, details = result.records, result.unassembled
                 prior = {ident: [SPANS_CHECK] for ident in details}
                 metrics = {**result.stats.metrics(), "human": 0}
-                log.info(
-                    "%s-%s: %d chunks, %d cache hits (%.0f%%), %d asked, %d replies refused, %d retried",
-                    stage,
-                    lang,
-                    result.stats.unique_chunks,
-                    result.stats.cache_hits,
-                    100 * metrics["cache_hit_rate"],
-                    result.stats.translated,
-                    result.stats.rejected_replies,
-                    result.stats.retried_chunks,
-                )
+                log.info("%s-%s: %s", stage, lang, ", ".join(f"{k} {v:g}" for k, v in metrics.items()))
             contract = contracts.check_translated(
                 records,
                 english,
@@ -473,9 +440,8 @@ def translate_dataset(
                 prior=prior,
                 run=run,
             )
-            results.append(
-                LanguageResult(lang, records, contract, [paths.translated(dataset, lang)], details, metrics)
-            )
+            output = paths.translated(dataset, lang)
+            results.append(LanguageResult(lang, records, contract, [output], details, metrics))
     finally:
         for backend in translators.values():
             backend.close()

@@ -268,13 +268,6 @@ def local_model_id(settings: MachineTranslationParams) -> str:
     return f"{settings.model}@{settings.revision}" if settings.revision else settings.model
 
 
-def _require_model(settings: MachineTranslationParams) -> None:
-    if not settings.model:
-        raise TranslationError(f"translate.model is required by the {settings.backend} backend")
-    if not is_local_model(settings):
-        warn_if_unpinned(f"translation model {settings.model}", settings.revision or "main")
-
-
 def _batches(requests: Sequence[ChunkRequest], size: int) -> Iterator[list[ChunkRequest]]:
     """Batches of requests that share a temperature and a seed (a retry asks all its chunks alike)."""
     for _, group in groupby(requests, key=lambda request: (request.temperature, request.seed)):
@@ -283,18 +276,26 @@ def _batches(requests: Sequence[ChunkRequest], size: int) -> Iterator[list[Chunk
             yield members[start : start + size]
 
 
-@backend("vllm")
-class VllmBackend:
-    """vLLM offline batches on the GPU (`pip install -e '.[vllm]'`), safetensors weights only."""
+class _LocalBackend:
+    """What the backends that run the model in this process share: the model named, pinned and identified."""
 
     name: ClassVar[str]
 
     def __init__(self, settings: MachineTranslationParams, trust_remote_code: bool = False) -> None:
-        _require_model(settings)
+        if not settings.model:
+            raise TranslationError(f"translate.model is required by the {settings.backend} backend")
+        if not is_local_model(settings):
+            warn_if_unpinned(f"translation model {settings.model}", settings.revision or "main")
         self.settings = settings
         self.model_id = local_model_id(settings)
         self.trust_remote_code = trust_remote_code
-        self._llm: Any = None
+
+
+@backend("vllm")
+class VllmBackend(_LocalBackend):
+    """vLLM offline batches on the GPU (`pip install -e '.[vllm]'`), safetensors weights only."""
+
+    _llm: Any = None
 
     def _engine(self) -> Any:
         if self._llm is None:
@@ -340,19 +341,12 @@ _SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.
 
 
 @backend("transformers")
-class TransformersBackend:
+class TransformersBackend(_LocalBackend):
     """A chat model with transformers (a local folder such as data/models/base, or a hub id at a pinned revision);
     greedy at temperature 0, sampled with the request's seed above it."""
 
-    name: ClassVar[str]
-
-    def __init__(self, settings: MachineTranslationParams, trust_remote_code: bool = False) -> None:
-        _require_model(settings)
-        self.settings = settings
-        self.model_id = local_model_id(settings)
-        self.trust_remote_code = trust_remote_code
-        self._model: Any = None
-        self._tokenizer: Any = None
+    _model: Any = None
+    _tokenizer: Any = None
 
     def _folder(self) -> Path:
         if is_local_model(self.settings):

@@ -1,8 +1,9 @@
 """Stage score: judge every completion (answer, language, format) and compute the metrics of a generation run.
 
 Metrics are fractions in [0, 1] (never percentages), per dataset:
-`pass@k` for each k of `evaluation.k`, `following`, `think_following`, `answer_following`, `format`,
-`correct_and_following`, and the counts `problems`, `samples`, `mean_completion_tokens`.
+`pass@k` for each k of `evaluation.k` that every problem has samples for, `following`, `think_following`,
+`answer_following`, `format`, `correct_and_following`, and the counts `problems`, `samples`,
+`mean_completion_tokens`; `left_out` lists the pass@k that too few samples left out (absent when none is).
 
 Scoring runs over a process pool: math-verify's `signal.alarm` timeouts work in each worker's main thread, and the
 workers, forked from a parent that has already imported math-verify and loaded the lingua models, share them.
@@ -41,7 +42,7 @@ Verdict = tuple[str | None, bool, bool, bool, bool]
 
 
 class ScoringError(StageError, ValueError):
-    """The inputs of the score stage do not fit together (unknown problem, too few samples, duplicates)."""
+    """The inputs of the score stage cannot be scored (no completions at all)."""
 
 
 # --- judging -------------------------------------------------------------------------------------------------------
@@ -132,19 +133,21 @@ def to_job(completion: Completion, problem: Problem) -> Job:
 # --- metrics -------------------------------------------------------------------------------------------------------
 
 
-def dataset_metrics(scores: Sequence[Score], tokens: Sequence[int], ks: Iterable[int]) -> dict[str, Any]:
-    """The metrics of one dataset's scores (fractions in [0, 1]); every problem needs at least max(k) samples."""
+def dataset_metrics(
+    scores: Sequence[Score], tokens: Sequence[int], ks: Iterable[int], dataset: str = ""
+) -> dict[str, Any]:
+    """The metrics of one dataset's scores (fractions in [0, 1]).
+
+    pass@k needs k samples of every problem: a k above the fewest samples of a problem is left out, named in
+    `left_out` (only then present: a list, which MLflow's and the report's flattening skip) and in a warning.
+    """
     per_problem: dict[str, list[bool]] = defaultdict(list)
     for score in scores:
         per_problem[score.problem_id].append(score.correct)
     ks = sorted(set(ks))
-    for problem_id, correct in per_problem.items():
-        if len(correct) < ks[-1]:
-            raise ScoringError(
-                f"problem {problem_id!r} has {len(correct)} samples, fewer than max(k) = {ks[-1]} of evaluation.k"
-            )
+    fewest = min(map(len, per_problem.values()))
     counts = [(len(correct), sum(correct)) for correct in per_problem.values()]
-    metrics: dict[str, Any] = {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks}
+    metrics: dict[str, Any] = {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks if k <= fewest}
     metrics |= {
         "following": rate([s.following for s in scores]),
         "think_following": rate([s.think_in_lang for s in scores]),
@@ -155,6 +158,17 @@ def dataset_metrics(scores: Sequence[Score], tokens: Sequence[int], ks: Iterable
         "samples": len(scores),
         "mean_completion_tokens": sum(tokens) / len(tokens),
     }
+    left_out = [f"pass@{k}" for k in ks if k > fewest]
+    if left_out:
+        metrics["left_out"] = left_out
+        log.warning(
+            "%s%s left out: a problem has only %d sample%s (evaluation.k asks for up to %d)",
+            f"{dataset}: " if dataset else "",
+            ", ".join(left_out),
+            fewest,
+            "" if fewest == 1 else "s",
+            ks[-1],
+        )
     return metrics
 
 
@@ -167,7 +181,7 @@ def compute_metrics(
         by_dataset[problem.dataset][0].append(score)
         by_dataset[problem.dataset][1].append(completion.tokens)
     ks = list(ks)
-    return {dataset: dataset_metrics(s, tokens, ks) for dataset, (s, tokens) in sorted(by_dataset.items())}
+    return {dataset: dataset_metrics(s, tokens, ks, dataset) for dataset, (s, tokens) in sorted(by_dataset.items())}
 
 
 # --- the stage -----------------------------------------------------------------------------------------------------

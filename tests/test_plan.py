@@ -1,0 +1,78 @@
+"""`budget-align plan`: a run's tokens, disk and time before it starts, exact where data and tokenizer are at hand."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from budget_alignment import plan
+from budget_alignment.train import sft
+from test_train_helpers import FAST_SFT, REPO, composed, enter_project, tiny_params
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    return enter_project(tmp_path, monkeypatch)
+
+
+def test_planned_training_tokens_are_the_tokens_the_trainer_sees(project):
+    """Whole epochs over the data the stage will read, tokenized as the SFT stage builds its examples."""
+    settings = FAST_SFT | {"max_steps": -1, "num_train_epochs": 1, "batch_size": 2, "per_device_batch_size": 2}
+    params = tiny_params(sft=settings)
+    (cost,) = [c for c in plan.plan_stages(params) if c.stage == "sft@ja"]
+    assert not cost.estimated and cost.work.startswith("3 steps of 2 examples")
+    metrics = sft.train_sft(params, "ja")
+    assert cost.train_tokens == metrics["tokens_trained"] > 0
+
+
+def test_without_the_tokenizer_the_tokens_are_estimated_and_say_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no base model yet: before the first stage of a run
+    costs = {c.stage: c for c in plan.plan_stages(tiny_params())}
+    assert costs["sft@ja"].estimated and costs["sft@ja"].train_tokens > 0
+    evaluation = tiny_params().evaluation
+    problems = evaluation.limit * len(evaluation.datasets)
+    assert costs["generate@sft-fr"].generated_tokens == problems * evaluation.n * evaluation.max_new_tokens
+
+
+def test_a_run_the_disk_cannot_hold_stops_before_any_work(tmp_path):
+    result = plan.make_plan(tiny_params(), tmp_path)
+    assert result.link_type == "copy" and result.cache_bytes == sum(c.output_bytes for c in result.stages)
+    plan.check_disk(result, tmp_path)  # a tiny run fits
+    result.free_bytes = result.disk_bytes - 1
+    with pytest.raises(plan.PlanError, match=r"needs about .* GiB .* has .* GiB free"):
+        plan.check_disk(result, tmp_path)
+
+
+def test_the_repository_links_its_cache_so_outputs_are_stored_once():
+    assert plan.link_type(REPO) in ("hardlink", "symlink", "reflink")
+
+
+def test_the_paper_plan_counts_device_hours_on_the_machine_it_assumes(tmp_path):
+    import yaml
+
+    from budget_alignment.params import Params
+
+    params = Params.model_validate(yaml.safe_load(composed("profile=paper")))
+    result = plan.make_plan(params, tmp_path)
+    costs = {c.stage: c for c in result.stages}
+    # Full-parameter SFT: a whole model out, its weights and Adam's moments in each of two checkpoints.
+    parameters = params.plan.model.parameters
+    assert costs["sft@ja"].output_bytes == parameters * 2
+    assert costs["sft@ja"].checkpoint_bytes == 2 * (parameters * 2 + parameters * plan.OPTIMIZER_BYTES_PER_PARAMETER)
+    assert costs["grpo@sft-ja"].generated_tokens == 500 * 24 * params.grpo.max_completion_length
+    assert costs["sft@ja"].devices == params.plan.throughput.devices == 8
+    assert result.seconds > 0 and "assumed" in result.throughput_source
+
+
+def test_the_command_prints_the_table_for_a_composed_profile():
+    result = subprocess.run(
+        [sys.executable, "-m", "budget_alignment.cli", "plan", "profile=paper_cpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| grpo@sft-ja |" in result.stdout and "Disk at most:" in result.stdout
