@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -177,12 +179,16 @@ def test_a_killed_stage_leaves_its_run_failed_with_what_it_logged(dvc_root):
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=dvc_root, timeout=120)
     assert result.returncode == -signal.SIGKILL
-    mlflow.set_tracking_uri(f"sqlite:///{dvc_root / 'mlflow.db'}")
-    for _ in range(120):  # the helper notices the closed pipe, logs what it holds and closes the run
-        (found,) = mlflow.search_runs(experiment_names=["budget-alignment"], output_format="list")
-        if found.info.status != "RUNNING":
-            break
+    # The helper notices the closed pipe, logs what it holds and closes the run. The store is read with sqlite until
+    # then: MLflow here would create the schema the helper is creating (on a busy machine, it may not have yet).
+    store = f"file:{dvc_root / 'mlflow.db'}?mode=ro"
+    for _ in range(120):
+        with contextlib.suppress(sqlite3.OperationalError), sqlite3.connect(store, uri=True) as db:
+            if [status for (status,) in db.execute("SELECT status FROM runs")] not in ([], ["RUNNING"]):
+                break
         time.sleep(0.5)
+    mlflow.set_tracking_uri(f"sqlite:///{dvc_root / 'mlflow.db'}")
+    (found,) = mlflow.search_runs(experiment_names=["budget-alignment"], output_format="list")
     assert found.info.status == "FAILED"
     assert found.data.metrics["train.loss"] == 1.5
     assert not (dvc_root / "reports/budget/sft@ja.json").exists()
