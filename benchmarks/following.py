@@ -57,7 +57,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     params = load_params(args.params)
-    spec = params.datasets[params.grpo.dataset]
+    # GRPO's first dataset (the math problems).
+    dataset = next(name for name, share in params.grpo.datasets.items() if share.weight > 0)
+    spec = params.datasets[dataset]
     judge = LanguageJudge(params.scoring.language)
     rows = []
     for named in args.model:
@@ -66,7 +68,7 @@ def main() -> None:
         tokenizer = loading.load_model_tokenizer(Path(folder), params)
         for lang in args.langs:
             source = spec.source if lang == "en" else spec.translation[lang].human
-            problems = load_source(source, params.grpo.dataset, lang)[: args.limit]
+            problems = load_source(source, dataset, lang)[: args.limit]
             texts = [prompts.generation_prompt(tokenizer, p, params.prompts) for p in problems]
             torch.manual_seed(args.seed)
             completions = generate(model, tokenizer, texts, params.evaluation, args.samples)
@@ -76,7 +78,7 @@ def main() -> None:
             rows.append((name, lang, len(verdicts), think, following, completions[0]))
             print(f"{name} {lang}: think {think:.0%}, following {following:.0%}", file=sys.stderr, flush=True)
 
-    print(f"Language following ({args.limit} {params.grpo.dataset} problems x {args.samples} samples per language)\n")
+    print(f"Language following ({args.limit} {dataset} problems x {args.samples} samples per language)\n")
     print("| model | lang | completions | reasoning in language | following (reasoning and answer) |")
     print("|---|---|---:|---:|---:|")
     for name, lang, count, think, following, _ in rows:

@@ -27,7 +27,9 @@ from pathlib import Path
 from budget_alignment import paths
 from budget_alignment.data.sources import load_source
 from budget_alignment.params import load_params
-from budget_alignment.records import write_records
+from budget_alignment.records import Problem, read_records, write_records
+from budget_alignment.train.grpo_data import mix
+from budget_alignment.train.outputs import publish_switched_off
 
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_BOUND_S = 12 * 60
@@ -44,13 +46,19 @@ def compose(workdir: Path, overrides: list[str]) -> Path:
 
 
 def write_data(workdir: Path, params_file: Path) -> None:
-    """The normalized chains and GRPO problems of every language, straight from the datasets' sources."""
+    """The normalized chains and GRPO problems of every language, straight from the datasets' sources, and GRPO's
+    prompts (what grpo_data@{lang} makes of them)."""
     params = load_params(params_file)
-    for name in (params.sft.dataset, params.grpo.dataset):
+    grpo_sets = {name: share for name, share in params.grpo.datasets.items() if share.weight > 0}
+    for name in (params.sft.dataset, *grpo_sets):
         spec = params.datasets[name]
         for lang in ["en", *params.languages]:
             source = spec.source if lang == "en" else spec.translation[lang].human
             write_records(workdir / paths.normalized(name, lang), load_source(source, name, lang)[: spec.limit])
+    for lang in params.languages:
+        problems = {name: read_records(workdir / paths.normalized(name, lang), Problem) for name in grpo_sets}
+        write_records(workdir / paths.grpo_problems(lang), mix(problems, grpo_sets, params.seed))
+        publish_switched_off(workdir / paths.model_dir(f"topup-{lang}"))  # no top-up: GRPO-from-SFT starts from SFT
 
 
 def stages(params_file: Path) -> list[tuple[str, list[str]]]:

@@ -146,3 +146,15 @@ def test_prompts_reach_both_backends_with_exactly_one_bos(tmp_path, monkeypatch)
     backend.generate([text], 1, seed=0)
     prompt_ids = [token for token in seen[0] if token != tokenizer.pad_token_id]
     assert prompt_ids[0] == bos_id and prompt_ids.count(bos_id) == 1
+
+
+def test_an_adapter_config_is_the_same_bytes_whatever_the_process(tmp_path):
+    # PEFT saves `all-linear` resolved as a set, in the order of the process's string hashes.
+    config = {"base_model_name_or_path": "x", "target_modules": ["v_proj", "q_proj", "down_proj"], "r": 8}
+    written = []
+    for order in (config["target_modules"], sorted(config["target_modules"], reverse=True)):
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"target_modules": order}))
+        loading.record_adapter_parent(tmp_path, paths.base_model_dir())
+        written.append((tmp_path / "adapter_config.json").read_bytes())
+    assert written[0] == written[1]
+    assert json.loads(written[0])["target_modules"] == ["down_proj", "q_proj", "v_proj"]

@@ -179,10 +179,10 @@ def test_a_read_only_file_system_is_one_clear_line(data_project):
 
 
 def generation_project(root: Path) -> Path:
-    """The pico model of the generate tests and 40 problems, so that a run takes several batches."""
-    from test_generate import save_pico_model
+    """The tiny model of the generate tests and 40 problems, so that a run takes several batches."""
+    from test_train_helpers import save_tiny_model
 
-    save_pico_model(root / paths.base_model_dir())
+    save_tiny_model(root / paths.base_model_dir())
     problems = [
         Problem(id=f"q{i}", dataset="college_math", lang="fr", question=f"question {i}", answer="B",
                 answer_type="choice", choices={"A": "1", "B": "2", "C": "3", "D": "4"})

@@ -36,6 +36,26 @@ def invoke(*args: str):
     return result
 
 
+@pytest.mark.slow
+def test_the_training_fixes_sets_pass_their_contracts(project):
+    """The top-up's math-dense set and GRPO's medical training set, through the data stages in every language."""
+    for dataset in ("topup_math", "medicine_train"):
+        invoke("ingest", dataset)
+        invoke("translate", dataset)
+        invoke("normalize", dataset)
+        english = read_records(project / f"data/ingested/{dataset}.jsonl", Problem)
+        for lang in ("en", "ja", "fr", "es"):
+            outcome = json.loads((project / f"reports/data_quality/normalize@{dataset}/{lang}.json").read_text())
+            assert outcome["success"] and outcome["rejected"] == 0, (dataset, lang)
+            normalized = read_records(project / f"data/normalized/{dataset}/{lang}.jsonl", Problem)
+            assert [(p.id, p.answer) for p in normalized] == [(p.id, p.answer) for p in english]
+    # Written in the form the post's normalizations aim for: they change nothing in it.
+    for lang in ("ja", "fr", "es"):
+        translated = read_records(project / f"data/translated/topup_math/{lang}.jsonl", Problem)
+        normalized = read_records(project / f"data/normalized/topup_math/{lang}.jsonl", Problem)
+        assert [p.solution for p in normalized] == [p.solution for p in translated]
+
+
 def test_the_data_stages_run_through_the_cli(project):
     for dataset in ("chains", "college_math"):
         invoke("ingest", dataset)

@@ -20,6 +20,7 @@ from test_train_helpers import (
     FAST_SFT,
     composed,
     enter_project,
+    make_project,
     problems,
     tiny_model,
     tiny_params,
@@ -47,6 +48,7 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
     overrides = [
         "grpo.clip_high=0.3",
         "grpo.clip_low=0.15",
+        "grpo.num_iterations=3",
         "grpo.beta=0.04",
         "grpo.num_generations=2",
         "grpo.loss_type=dr_grpo",
@@ -70,6 +72,7 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
     expected = {
         "epsilon_high": 0.3,
         "epsilon": 0.15,
+        "num_iterations": 3,
         "beta": 0.04,
         "num_generations": 2,
         "loss_type": "dr_grpo",
@@ -102,10 +105,21 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (12, params.grpo.lora.alpha, params.grpo.lora.dropout)
 
 
+def test_a_language_may_replace_reward_weights(tmp_path):
+    # The post's correctness-first Spanish, as `dvc exp run -S '+grpo.reward_weights.es={...}'` writes it.
+    params = Params.model_validate(yaml.safe_load(composed("+grpo.reward_weights.es={accuracy:1.0,language:0.1}")))
+    assert params.grpo.reward_names() == ["accuracy", "language", "format"]
+    spanish = grpo.grpo_config(params.grpo, stage="grpo@sft-es", compute=params.compute, seed=params.seed,
+                               output_dir=tmp_path, lang="es")  # fmt: skip
+    assert spanish.reward_weights == [1.0, 0.1, 0.2]
+    assert config_for(params, tmp_path).reward_weights == [1.0, 0.2, 0.2]  # every other language
+
+
 def test_vllm_settings_reach_trl(tmp_path):
-    params = tiny_params(grpo={"use_vllm": True, "vllm_mode": "server"})
+    url = "http://gpu-node-7:8000"
+    params = tiny_params(grpo={"use_vllm": True, "vllm_mode": "server", "vllm_server_url": url})
     config = config_for(params, tmp_path)
-    assert (config.use_vllm, config.vllm_mode) == (True, "server")
+    assert (config.use_vllm, config.vllm_mode, config.vllm_server_base_url) == (True, "server", url)
     assert config.vllm_max_model_length == params.grpo.max_prompt_length + params.grpo.max_completion_length
 
 
@@ -140,10 +154,147 @@ def test_the_dataset_carries_what_the_rewards_read_and_drops_prompts_too_long():
     row = dataset[0]
     assert row["prompt"].endswith("<|im_start|>assistant\n<think>\n") and items[0].question in row["prompt"]
     assert (row["answer"], row["answer_type"], row["lang"], row["choices"]) == (items[0].answer, "math", "fr", "")
+    assert row["domain"] == "math"  # a plain problem: the recipe's math-only GRPO
     lengths = sorted(len(tokenizer(r["prompt"])["input_ids"]) for r in dataset)
     assert len(grpo.grpo_dataset(items, tokenizer, PromptParams(), lengths[1])) == 2
     with pytest.raises(setup.TrainingError, match="max_prompt_length"):
         grpo.grpo_dataset(items, tokenizer, PromptParams(), 3)
+
+
+def stand_in(name: str, measure):
+    """A reward registered under `name` that varies between a random model's completions (the real ones are flat)."""
+
+    def factory(scoring):
+        def reward(completions, **_):
+            return [float(measure(rewards.completion_text(completion))) for completion in completions]
+
+        reward.__name__ = name
+        return reward
+
+    return factory
+
+
+def trained_adapter(params: Params, init: str, lang: str, monkeypatch) -> tuple[dict, object]:
+    """Run the grpo stage; the adapter it wrote and the trainer that wrote it."""
+    made = []
+    make = grpo.make_grpo_trainer
+    monkeypatch.setattr(
+        grpo, "make_grpo_trainer", lambda *args, **kwargs: made.append(make(*args, **kwargs)) or made[-1]
+    )
+    grpo.train_grpo(params, init, lang)
+    return load_file(paths.model_dir(grpo.model_name(init, lang)) / "adapter_model.safetensors"), made[0]
+
+
+@pytest.mark.slow
+def test_spanish_weights_change_the_logged_weights_and_the_trained_adapter(project, monkeypatch):
+    make_project(project, langs=("es",))
+    # Two rewards that vary differently, so that their relative weights change the advantages' direction.
+    monkeypatch.setitem(rewards.REWARDS, "accuracy", stand_in("accuracy", len))
+    monkeypatch.setitem(rewards.REWARDS, "language", stand_in("language", lambda text: len(set(text))))
+    settings = FAST_GRPO | {"prompts_per_step": 2, "per_device_batch_size": 4}
+    recipe, recipe_trainer = trained_adapter(tiny_params(grpo=settings), "base", "es", monkeypatch)
+    weights = {"accuracy": 1.0, "language": 0.2, "format": 0.2, "es": {"accuracy": 1.0, "language": 0.1}}
+    spanish, spanish_trainer = trained_adapter(tiny_params(grpo=settings | {"reward_weights": weights}), "base", "es",
+                                               monkeypatch)  # fmt: skip
+    assert recipe_trainer.args.reward_weights == [1.0, 0.2, 0.2]
+    assert spanish_trainer.args.reward_weights == [1.0, 0.1, 0.2]
+    assert recipe.keys() == spanish.keys()
+    assert max((recipe[name] - spanish[name]).abs().max().item() for name in recipe) > 1e-4
+
+
+@pytest.mark.slow
+def test_a_medical_mixture_is_judged_by_the_medical_head(project, monkeypatch):
+    from budget_alignment.records import write_records
+    from budget_alignment.train import grpo_data
+
+    write_records(paths.normalized("medicine_train", "ja"), problems("medicine_train", "ja"))
+    weights = {"accuracy": 1.0, "language": 0.2, "format": 0.2, "medical": 0.2}
+    shares = {"math": {"weight": 0.0, "domain": "math"}, "medicine_train": {"weight": 1.0, "domain": "medical"}}
+    params = tiny_params(grpo=FAST_GRPO | {"datasets": shares, "reward_weights": weights})
+    grpo_data.gather_grpo_problems(params, "ja")
+    _, trainer = trained_adapter(params, "base", "ja", monkeypatch)
+    assert set(trainer.train_dataset["domain"]) == {"medical"} and trainer.args.reward_weights == [1.0, 0.2, 0.2, 0.2]
+    logged = [entry["rewards/medical/mean"] for entry in trainer.state.log_history if "rewards/medical/mean" in entry]
+    assert logged and all(0.0 <= value <= 1.0 for value in logged)
+    metrics = json.loads(paths.training_metrics_file(grpo.stage_name("base", "ja")).read_text())
+    assert set(metrics["rewards"]) == {"accuracy", "language", "format", "medical", "total"}
+
+
+def reference_trainer(params: Params, init: str, tmp_path: Path):
+    """The grpo stage's trainer with its KL reference set up as the stage sets it (no training)."""
+    from budget_alignment import loading
+
+    policy = grpo.load_policy(params, init, "ja")
+    tokenizer = loading.load_model_tokenizer(policy.start, params)
+    dataset = grpo.grpo_dataset(problems("math", "ja", 4), tokenizer, PromptParams(), 256)
+    reward_functions = rewards.build_rewards(params.grpo.reward_names(), params.scoring)
+    trainer = grpo.make_grpo_trainer(
+        policy.model, tokenizer, dataset, config_for(params, tmp_path), reward_functions, policy.peft_config
+    )
+    return trainer, grpo.use_reference(trainer, policy, grpo.reference_dir(params, "ja"), params)
+
+
+def adapter_weights(model, adapter: str) -> dict[str, torch.Tensor]:
+    """An adapter's weights by PEFT's saved names (`...lora_A.weight`)."""
+    tag = f".{adapter}."
+    return {name.replace(tag, "."): p for name, p in model.named_parameters() if tag in name}
+
+
+# (init, reference, how TRL gets there, whether a frozen `ref` adapter holds the SFT adapter)
+REFERENCES = [
+    ("base", "base", "TRL's own reference", False),
+    ("base", "sft", "a frozen adapter", True),
+    ("sft", "sft", "TRL's own reference", True),
+    ("sft", "base", "the LoRA disabled", False),
+]
+
+
+@pytest.fixture(scope="module")
+def with_lora_sft(tmp_path_factory):
+    """A tiny project with a LoRA SFT model in Japanese (trained once for the module's tests)."""
+    root = tmp_path_factory.mktemp("lora_sft")
+    with pytest.MonkeyPatch.context() as patch:
+        enter_project(root, patch)
+        sft.train_sft(tiny_params(sft=FAST_SFT), "ja")
+    return root
+
+
+@pytest.mark.parametrize(("init", "reference", "how", "sft_as_ref"), REFERENCES)
+def test_the_kl_reference_is_the_model_params_name(with_lora_sft, monkeypatch, init, reference, how, sft_as_ref):
+    monkeypatch.chdir(with_lora_sft)
+    params = tiny_params(sft=FAST_SFT, grpo=FAST_GRPO | {"beta": 0.1, "reference": reference})
+    trainer, described = reference_trainer(params, init, with_lora_sft / "checkpoints")
+    assert described.startswith(how) and trainer.ref_model is None
+    model = trainer.model
+    assert ("ref" in model.peft_config) is sft_as_ref
+    if sft_as_ref:
+        saved = load_file(paths.model_dir("sft-ja") / "adapter_model.safetensors")
+        ref = adapter_weights(model, "ref")
+        assert ref.keys() == saved.keys()
+        assert all(torch.equal(ref[name], saved[name]) and not ref[name].requires_grad for name in saved)
+    assert all(p.requires_grad for p in adapter_weights(model, "default").values())
+
+
+def test_a_whole_sft_model_as_reference_is_a_separate_model(project, tmp_path):
+    params = tiny_params(sft=FAST_SFT | {"use_lora": False}, grpo=FAST_GRPO | {"beta": 0.1, "reference": "sft"})
+    sft.train_sft(params, "ja")
+    trainer, described = reference_trainer(params, "base", tmp_path)
+    assert described == "a separate reference model" and "ref" not in trainer.model.peft_config
+    saved = load_file(paths.model_dir("sft-ja") / "model.safetensors")
+    live = trainer.ref_model.state_dict()
+    assert all(torch.equal(live[name], tensor) for name, tensor in saved.items() if name in live)
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+
+
+@pytest.mark.slow
+def test_with_beta_the_stage_logs_the_kl_toward_its_reference(project):
+    params = tiny_params(sft=FAST_SFT, grpo=FAST_GRPO | {"beta": 0.1, "reference": "sft"})
+    sft.train_sft(params, "ja")
+    metrics = grpo.train_grpo(params, "base", "ja")
+    assert metrics["reference"] == "data/models/sft/ja" and metrics["kl"] is not None and metrics["kl"] >= 0
+    out = paths.model_dir("grpo_base-ja")
+    assert not (out / "ref").exists()  # the frozen reference adapter is not published
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "data/models/base"
 
 
 def test_tokens_generated_add_up_every_logged_generation():

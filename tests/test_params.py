@@ -73,7 +73,13 @@ INVALID = [
     ({"grpo.clip_low": 1.5}, "grpo.clip_low"),
     ({"grpo.num_generations": 1}, "grpo.num_generations"),
     ({"grpo.loss_type": "ppo"}, "grpo.loss_type"),
+    ({"grpo.use_vllm": True, "grpo.vllm_mode": "server"}, "grpo.vllm_server_url"),
     ({"grpo.reward_weights": {"accuracy": 1.0}}, "grpo.reward_weights"),
+    # Per-language weights: a language of the run, replacing rewards that every language weighs.
+    ({"grpo.reward_weights.de": {"accuracy": 1.0}}, "grpo.reward_weights.de"),
+    ({"grpo.reward_weights.es": {"speed": 1.0}}, "grpo.reward_weights.es.speed"),
+    ({"grpo.reward_weights.es": {"medical": 0.5}}, "grpo.reward_weights.es.medical"),
+    ({"grpo.reward_weights.length": 0.5}, "grpo.reward_weights.length"),
     ({"grpo.unknown_knob": 1}, "grpo.unknown_knob"),
     ({"evaluation.k": [1, 50]}, "evaluation.k"),
     ({"evaluation.n": 0}, "evaluation.n"),
@@ -161,3 +167,44 @@ def test_unreadable_params_files_are_clear_errors(tmp_path):
     bad.write_text("grpo: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+@pytest.mark.slow
+def test_the_paper_profile_validates_and_a_dry_run_lists_every_stage_of_the_recipe(tmp_path):
+    """`budget-align check-params` passes on the paper profile, and `dvc exp run -S profile=paper --dry --force` (in a
+    copy of the repository before its first run) plans every stage of the recipe: 3 data stages per set, SFT and
+    GRPO per language, the merge, and the evaluation of every regime in every language. (`--dry` alone stops at the
+    first stage whose inputs do not exist yet, iterative/dvc#9818, and so does a dvc.lock whose outputs are not in
+    the cache.)"""
+    paper = compose(tmp_path, "profile=paper")
+    check = subprocess.run(
+        [sys.executable, "-m", "budget_alignment.cli", "check-params", str(paper)], capture_output=True, text=True
+    )
+    assert check.returncode == 0 and "valid (paper profile" in check.stdout, check.stderr
+    copy = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode()
+    for name in filter(None, files.split("\0")):
+        if (REPO / name).is_file() and name != "dvc.lock":
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            (copy / name).write_bytes((REPO / name).read_bytes())
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=copy, check=True, capture_output=True)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    result = subprocess.run(
+        [dvc, "exp", "run", "-S", "profile=paper", "--dry", "--force"],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    planned = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")}
+    params = load_params(paper)
+    langs, regimes = params.languages, params.evaluation.regimes
+    expected = {"base_model", "merge", "generate_en", "score_en", "report"}
+    expected |= {f"{kind}@{d}" for kind in ("ingest", "translate", "normalize") for d in params.datasets}
+    expected |= {f"sft@{lang}" for lang in langs} | {f"grpo@{i}-{lang}" for i in ("base", "sft") for lang in langs}
+    expected |= {f"problems@{lang}" for lang in [*langs, "en"]}
+    expected |= {f"{kind}@{r}-{lang}" for kind in ("generate", "score") for r in regimes for lang in langs}
+    assert expected <= planned, sorted(expected - planned)

@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from chat_server import ChatServer
 from chat_server import translator as chat_translator
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.slow
 # paper_cpu narrowed to Japanese and one evaluation set (Hydra deletes what the paper profile adds).
 LANG_OVERRIDES = [
     f"~datasets.{dataset}.translation.{lang}"
-    for dataset in ("chains", "math", "college_math")
+    for dataset in ("chains", "math", "college_math", "topup_math")
     for lang in ("fr", "es")
 ]
 OVERRIDES = [
@@ -372,11 +373,14 @@ def dvc(root: Path, env: dict, *args: str, timeout: int = 1800) -> subprocess.Co
 
 @pytest.fixture(scope="module")
 def queued_experiments(project) -> dict[str, float]:
-    """Two experiments queued with different grpo.clip_high and run by `dvc queue start` (README word for word)."""
+    """Two experiments queued with a different GRPO LoRA rank and run by `dvc queue start` (as the README's sweep).
+
+    The rank changes every GRPO model whatever the rollouts' rewards (a clip bound would not: at one update per batch
+    of rollouts the importance ratio is exactly 1, and an all-equal group has no gradient at all)."""
     root, env = project
-    experiments = {"clip-0.24": 0.24, "clip-0.3": 0.3}
-    for name, clip in experiments.items():
-        settings = [arg for override in [*overrides(root), f"grpo.clip_high={clip}"] for arg in ("-S", override)]
+    experiments = {"lora-r4": 4, "lora-r16": 16}
+    for name, rank in experiments.items():
+        settings = [arg for override in [*overrides(root), f"grpo.lora.r={rank}"] for arg in ("-S", override)]
         dvc(root, env, "exp", "run", "--queue", "-n", name, *settings)
     dvc(root, env, "queue", "start", "--jobs", "1")
     deadline = time.monotonic() + 1800
@@ -403,7 +407,7 @@ def test_a_queued_experiment_reruns_only_grpo_and_below(project, queued_experime
         assert ran <= GRPO_SUBTREE, name
     shown = json.dumps(json.loads(dvc(root, env, "exp", "show", "--json").stdout))
     assert all(name in shown for name in queued_experiments)
-    assert "clip_high: 0.28" in (root / "params.yaml").read_text()  # the workspace is left as it was
+    assert yaml.safe_load((root / "params.yaml").read_text())["grpo"]["lora"]["r"] == 8  # the workspace as it was
 
 
 @pytest.fixture
@@ -464,13 +468,11 @@ def test_queued_experiments_compare_side_by_side_through_the_mlflow_server(queue
     assert set(found) == set(queued_experiments), sorted(found)
     shared_metrics = set.intersection(*(set(metrics) for _, metrics in found.values()))
     assert "budget.wall_seconds" in shared_metrics and any("reward" in key for key in shared_metrics), shared_metrics
-    for name, clip in queued_experiments.items():
+    for name, rank in queued_experiments.items():
         params, _ = found[name]
-        assert float(params["grpo.clip_high"]) == clip
-        assert (
-            params["grpo.clip_low"] == "0.2"
-            and params["grpo.learning_rate"] == found["clip-0.24"][0]["grpo.learning_rate"]
-        )
+        assert int(params["grpo.lora.r"]) == rank, sorted(params)
+        assert params["grpo.clip_high"] == "0.28"
+        assert params["grpo.learning_rate"] == found["lora-r4"][0]["grpo.learning_rate"]
 
 
 def test_an_experiment_travels_between_clones_with_exp_push_and_pull(project, queued_experiments, s3_remote, tmp_path):
@@ -485,19 +487,19 @@ def test_an_experiment_travels_between_clones_with_exp_push_and_pull(project, qu
     try:
         add_s3_remote(root, env, endpoint)
         dvc(root, env, "push")  # the baseline's outputs, as the team shares its main line
-        dvc(root, env, "exp", "push", "team", "clip-0.3")
+        dvc(root, env, "exp", "push", "team", "lora-r16")
         bob = tmp_path / "bob"
         run(["git", "clone", "-q", str(origin), str(bob)], tmp_path, env)
         bob_env = env | {"PYTHONPATH": str(bob / "src")}
         add_s3_remote(bob, bob_env, endpoint)
-        dvc(bob, bob_env, "exp", "pull", "origin", "clip-0.3")
-        assert "clip-0.3" in dvc(bob, bob_env, "exp", "list", "--name-only").stdout
-        dvc(bob, bob_env, "exp", "apply", "clip-0.3")
+        dvc(bob, bob_env, "exp", "pull", "origin", "lora-r16")
+        assert "lora-r16" in dvc(bob, bob_env, "exp", "list", "--name-only").stdout
+        dvc(bob, bob_env, "exp", "apply", "lora-r16")
         dvc(bob, bob_env, "pull")
-        assert "clip_high: 0.3" in (bob / "params.yaml").read_text()
+        assert yaml.safe_load((bob / "params.yaml").read_text())["grpo"]["lora"]["r"] == 16
         assert "up to date" in dvc(bob, bob_env, "status").stdout
-        # Bob has Alice's experiment outputs, byte for byte: the report and the GRPO model of clip-0.3.
-        dvc(root, env, "exp", "apply", "clip-0.3")
+        # Bob has Alice's experiment outputs, byte for byte: the report and the GRPO model of lora-r16.
+        dvc(root, env, "exp", "apply", "lora-r16")
         dvc(root, env, "checkout")
         for name in ("reports/metrics.json", "data/models/grpo_sft/ja/adapter_model.safetensors"):
             assert sha256(bob / name) == sha256(root / name), name

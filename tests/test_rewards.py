@@ -10,6 +10,10 @@ import json
 import pytest
 
 from budget_alignment.params import ScoringParams
+from budget_alignment.scoring.medical import DOES_NOT_NAME as UNNAMED
+from budget_alignment.scoring.medical import NAMES_OPTION as NAMED
+from budget_alignment.scoring.medical import NO_OPTION, check_medical_answer
+from budget_alignment.scoring.medical import NOT_IN_LANGUAGE as NOT_IN_LANG
 from budget_alignment.train import rewards
 
 SCORING = ScoringParams()
@@ -154,3 +158,73 @@ def test_a_batch_is_judged_completion_by_completion():
     assert call(accuracy, texts, **columns) == [1.0, 0.0]
     assert call(language, texts, **columns) == [1.0, 0.0]
     assert call(form, texts, **columns) == [1.0, 1.0]
+
+
+# --- the medical reward head -----------------------------------------------------------------------------------------
+
+BLOOD = {"en": {"A": "Platelets", "B": "Red blood cells", "C": "Nerve cells", "D": "White blood cells"},
+         "fr": {"A": "Plaquettes", "B": "Globules rouges", "C": "Cellules nerveuses", "D": "Globules blancs"},
+         "ja": {"A": "血小板", "B": "赤血球", "C": "神経細胞", "D": "白血球"},
+         "es": {"A": "Fémur (hueso del muslo)", "B": "Costilla", "C": "Hueso del dedo", "D": "Hueso del oído"},
+}  # fmt: skip
+EN_MED = "White blood cells defend the body against bacteria and viruses, so they fight infections."
+FR_MED = (
+    "Les globules blancs défendent le corps contre les bactéries et les virus, ils combattent donc les infections."
+)
+JA_MED = "白血球は細菌やウイルスから体を守ります。だから、感染症とたたかうのは白血球です。"
+
+# (name, completion, language, expected score, expected reason)
+MEDICAL_CASES = [
+    ("names its option, calibrated", completion(EN_MED, "\\boxed{D}: white blood cells."), "en", 1.0, NAMED),
+    ("the letter alone", completion(EN_MED, "\\boxed{D}"), "en", 0.5, UNNAMED),
+    ("names another option than its letter", completion(EN_MED, "\\boxed{D}: platelets."), "en", 0.5,
+     UNNAMED),
+    ("over-assertive", completion(EN_MED, "\\boxed{D}: white blood cells always win, definitely."), "en", 0.5,
+     NAMED),
+    ("over-assertive and unnamed", completion(f"{EN_MED} It is guaranteed.", "\\boxed{D}"), "en", 0.0,
+     UNNAMED),
+    ("no option chosen", completion(EN_MED, "I cannot tell."), "en", 0.0, NO_OPTION),
+    ("a hedge between two letters", completion(EN_MED, "\\boxed{A} or \\boxed{D}"), "en", 0.0, NO_OPTION),
+    ("in French", completion(FR_MED, "La réponse est \\boxed{D} : les globules blancs."), "fr", 1.0, NAMED),
+    ("French asked, English option text", completion(FR_MED, "\\boxed{D}: white blood cells."), "fr", 0.5,
+     UNNAMED),
+    ("'sans doute' is not absolute", completion(FR_MED, "C'est sans doute \\boxed{D}, les globules blancs."), "fr",
+     1.0, NAMED),
+    ("'jamais' is", completion(f"{FR_MED} Ils ne se trompent jamais.", "\\boxed{D} globules blancs"), "fr", 0.5,
+     NAMED),
+    ("in Japanese", completion(JA_MED, "答えは \\boxed{D}、白血球です。"), "ja", 1.0, NAMED),
+    ("Japanese, absolute", completion(JA_MED, "答えは必ず \\boxed{D}、白血球です。"), "ja", 0.5, NAMED),
+    ("Japanese asked, English answer", completion(JA_MED, "\\boxed{D}: the white blood cells, which fight germs in "
+     "the body and keep people healthy."), "ja", 0.5, UNNAMED),
+    ("names the option inside an English answer", completion(JA_MED, "\\boxed{D}: 白血球, the white blood cells, "
+     "which fight germs in the body and keep people healthy."), "ja", 0.5, NOT_IN_LANG),
+    ("a gloss may be left out", completion("El fémur es el hueso más largo.", "Respuesta: \\boxed{A}, el fémur."),
+     "es", 1.0, NAMED),
+]  # fmt: skip
+
+
+def medical_columns(lang: str, n: int = 1, domain: str = "medical") -> dict:
+    return {"lang": [lang] * n, "choices": [json.dumps(BLOOD[lang], ensure_ascii=False)] * n, "domain": [domain] * n}
+
+
+@pytest.mark.parametrize(
+    ("text", "lang", "expected", "reason"), [case[1:] for case in MEDICAL_CASES], ids=[c[0] for c in MEDICAL_CASES]
+)
+def test_medical_reward_head(text, lang, expected, reason):
+    assert call(rewards.medical_reward(SCORING), [text], **medical_columns(lang)) == [expected]
+    assert check_medical_answer(text, BLOOD[lang], lang).reason == reason
+
+
+def test_the_medical_head_judges_medical_examples_only():
+    text = completion(EN_MED, "\\boxed{D}: white blood cells.")
+    reward = rewards.medical_reward(SCORING)
+    assert call(reward, [text, text], **medical_columns("en", 2) | {"domain": ["medical", "math"]}) == [1.0, None]
+    # Without a domain column (the recipe's math-only GRPO), nothing is medical.
+    assert call(reward, [text], lang=["en"], choices=[""]) == [None]
+    assert "medical" in rewards.REWARDS
+
+
+def test_the_registry_and_the_params_name_the_same_rewards():
+    from budget_alignment.params import RECIPE_REWARDS, REWARD_NAMES
+
+    assert set(rewards.REWARDS) == set(REWARD_NAMES) and set(RECIPE_REWARDS) <= set(REWARD_NAMES)

@@ -20,7 +20,7 @@ import yaml
 
 from budget_alignment import paths, prompts
 from budget_alignment.params import Params, PromptParams
-from budget_alignment.records import Problem, write_records
+from budget_alignment.records import GrpoProblem, Problem, write_records
 
 REPO = Path(__file__).resolve().parents[1]
 CHATML = (
@@ -102,10 +102,9 @@ def save_tiny_model(folder: Path, seed: int = 0, hidden: int = 32, kv_heads: int
 
 
 def problems(name: str, lang: str, limit: int | None = None) -> list[Problem]:
-    """Bundled items as the data stages would write them (`dataset` is the params' dataset name)."""
-    dataset = {"chains": "chains", "math": "math"}[name]
+    """Bundled items as the data stages would write them (the params name each dataset after its bundled set)."""
     rows = bundled_rows(name, lang)[:limit]
-    return [Problem(dataset=dataset, lang=lang, **row) for row in rows]
+    return [Problem(dataset=name, lang=lang, **row) for row in rows]
 
 
 @cache
@@ -146,6 +145,7 @@ FAST_SFT = {
     "save_steps": 1,
     "logging_steps": 1,
 }
+FAST_TOPUP = FAST_SFT | {"max_steps": 1}
 FAST_GRPO = {
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
     "learning_rate": 1e-2,
@@ -162,11 +162,19 @@ FAST_GRPO = {
 
 
 def make_project(root: Path, langs: tuple[str, ...] = ("ja",), limit: int = 6) -> None:
-    """A project folder with a tiny base model and the normalized chains and math problems of `langs`."""
+    """A project folder with a tiny base model and the normalized chains and math problems of `langs`, and what the
+    recipe's topup@{lang} and grpo_data@{lang} write: no top-up (the marker), GRPO's prompts the math problems."""
+    from budget_alignment.train import outputs
+
     save_tiny_model(root / paths.base_model_dir())
     for lang in langs:
+        outputs.publish_switched_off(root / paths.model_dir(f"topup-{lang}"))
         write_records(root / paths.normalized("chains", lang), problems("chains", lang, limit))
         write_records(root / paths.normalized("math", lang), problems("math", lang, limit))
+        write_records(
+            root / paths.grpo_problems(lang),
+            [GrpoProblem(**p.model_dump(), domain="math") for p in problems("math", lang, limit)],
+        )
 
 
 def write_params(path: Path, params: Params) -> Path:

@@ -250,13 +250,53 @@ def sft(lang: Lang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
     )
 
 
+@app.command("topup")
+def topup(lang: Lang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage topup@LANG: SFT of LANG continued on the top-up set when LANG is in topup.languages (GRPO-from-SFT then
+    starts from it), else a marker that changes nothing below it; writes data/models/topup/LANG/."""
+    from budget_alignment.train import topup as training
+
+    params = load(params_file)
+    require_language(params, lang)
+    if not training.topped_up(params, lang):
+        with tracked_stage("topup", params, lang=lang) as run:
+            from budget_alignment import paths
+
+            training.switch_off(lang)
+            run.add_output(paths.model_dir(f"topup-{lang}"))
+        return
+    train = lambda run: training.train_topup(params, lang, run)  # noqa: E731
+    run_training(
+        "topup",
+        params,
+        ["topup", lang],
+        params_file,
+        train=train,
+        batch_key=training.BATCH_KEY,
+        model=f"topup-{lang}",
+        full=training.full_finetune(params, lang),
+        lang=lang,
+    )
+
+
+@app.command("grpo-data")
+def grpo_data(lang: Lang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage grpo_data@LANG: GRPO's prompts in LANG, the mixture of grpo.datasets with each one's domain."""
+    params = load(params_file)
+    require_language(params, lang)
+    with tracked_stage("grpo_data", params, lang=lang) as run:
+        from budget_alignment.train.grpo_data import gather_grpo_problems
+
+        gather_grpo_problems(params, lang, run)
+
+
 @app.command("grpo")
 def grpo(
     init: Annotated[str, typer.Argument(help="Where the policy starts: base or sft.")],
     lang: Lang,
     params_file: ParamsFile = DEFAULT_PARAMS,
 ) -> None:
-    """Stage grpo@INIT-LANG: GRPO on the math problems of LANG from the base or the SFT model of LANG."""
+    """Stage grpo@INIT-LANG: GRPO on the prompts of LANG (grpo_data@LANG) from the base or the SFT model of LANG."""
     from budget_alignment.train import grpo as training
 
     params = load(params_file)

@@ -84,6 +84,8 @@ def record_adapter_parent(folder: str | Path, parent: str | Path) -> None:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = Path(parent).as_posix()
     if isinstance(config.get("target_modules"), list):
+        # PEFT writes a set (`all-linear` resolved) in an order that changes from process to process: same inputs
+        # would give other bytes, and DVC would rerun everything below the model.
         config["target_modules"] = sorted(config["target_modules"])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

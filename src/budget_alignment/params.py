@@ -356,19 +356,49 @@ class PromptParams(Section):
     think_prefix: bool = False
 
 
+# The GRPO rewards, by the names `grpo.reward_weights` gives them (train/rewards.py registers a function under each).
+# The recipe's three are weighed in every run; `medical` (the medical reward head) joins when it is given a weight.
+REWARD_NAMES = ("accuracy", "language", "format", "medical")
+RECIPE_REWARDS = ("accuracy", "language", "format")
+
+
+# The domains a GRPO example may belong to: the rewards judge an example by its domain (the medical reward head judges
+# medical examples only), and each domain takes the answer kinds of `DOMAIN_ANSWER_TYPES`.
+DOMAIN_ANSWER_TYPES: dict[str, tuple[str, ...]] = {"math": ("math", "choice"), "medical": ("choice",)}
+
+
+class GrpoDatasetParams(Section):
+    """One dataset of GRPO's prompts: its share of them and the domain its examples carry."""
+
+    # Relative to the other datasets' weights (normalized). 0: not used.
+    weight: Annotated[float, Field(ge=0)] = 1.0
+    domain: Literal["math", "medical"] = "math"
+
+
 class GrpoParams(Section):
-    # The math problems GRPO trains on (a dataset with role `grpo`), in the stage's language.
-    dataset: str = "math"
+    # The problems GRPO trains on, in the stage's language: datasets with role `grpo` and their weights. The first
+    # with a positive weight is taken whole, once; each other fills its share of the mixture (weights normalized),
+    # taking a seeded sample of its problems or, when its share asks for more than it holds, replaying them. The
+    # paper: MATH-500 alone. The post's mixed-objective batches, replaying medical exemplars: a medical set beside it.
+    datasets: dict[str, GrpoDatasetParams] = {"math": GrpoDatasetParams()}
     init: list[Literal["base", "sft"]] = ["base", "sft"]
     clip_low: Probability = 0.2
     clip_high: Probability = 0.28
+    # Policy updates per batch of rollouts (TRL's mu). At 1 every update is on-policy: the importance ratio is
+    # exactly 1 and the clip bounds never act; they shape the update only from the second pass over the rollouts.
+    num_iterations: PositiveInt = 1
+    # The KL term's weight, and the model it pulls the policy toward: `base`, or `sft` (the SFT model of the stage's
+    # language). Unused at beta 0 (the recipe).
     beta: Annotated[float, Field(ge=0)] = 0.0
+    reference: Literal["base", "sft"] = "base"
     num_generations: Annotated[int, Field(ge=2)] = 24
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     learning_rate: Annotated[float, Field(gt=0)] = 1e-5
     lora: LoraParams = LoraParams(r=8, alpha=16)
-    reward_weights: dict[Literal["accuracy", "language", "format"], float] = {
+    # Reward name -> weight, in every language; the reward functions run in this order. A language code maps to the
+    # weights that language replaces (the post's correctness-first Spanish: `es: {accuracy: 1.0, language: 0.1}`).
+    reward_weights: dict[str, float | dict[str, float]] = {
         "accuracy": 1.0,
         "language": 0.2,
         "format": 0.2,
@@ -388,19 +418,75 @@ class GrpoParams(Section):
     logging_steps: PositiveInt = 1
     gradient_checkpointing: bool = False
     use_vllm: bool = False
+    # colocate: a vLLM engine inside each training process (rollouts and training share the GPUs, in turn); server:
+    # `trl vllm-serve` on GPUs of its own at vllm_server_url, for models whose rollouts do not fit beside training.
     vllm_mode: Literal["colocate", "server"] = "colocate"
+    vllm_server_url: str | None = None
 
     @model_validator(mode="after")
-    def _clip_order(self) -> GrpoParams:
+    def _rules(self) -> GrpoParams:
         if self.clip_high < self.clip_low:
             raise ValueError(f"clip_high: must be >= clip_low ({self.clip_low}), got {self.clip_high}")
-        if set(self.reward_weights) != {"accuracy", "language", "format"}:
+        if self.use_vllm and self.vllm_mode == "server" and not self.vllm_server_url:
+            raise ValueError("vllm_server_url: needed by vllm_mode server (where `trl vllm-serve` listens)")
+        if not any(dataset.weight > 0 for dataset in self.datasets.values()):
+            raise ValueError("datasets: give at least one dataset a weight above 0")
+        names = self.reward_names()
+        if not set(RECIPE_REWARDS) <= set(names):
             raise ValueError("reward_weights: needs accuracy, language and format")
+        errors = []
+        for key, value in self.reward_weights.items():
+            if not isinstance(value, dict):
+                if key not in REWARD_NAMES:
+                    errors.append(
+                        f"reward_weights.{key}: not a reward ({', '.join(REWARD_NAMES)}) nor a language code"
+                    )
+                continue
+            if not re.fullmatch(r"[a-z]{2}", key):
+                errors.append(f"reward_weights.{key}: a language's weights are keyed by its code (es, ja, ...)")
+            for name in value:
+                if name not in names:
+                    errors.append(
+                        f"reward_weights.{key}.{name}: not one of the rewards weighed in every language "
+                        f"({', '.join(names)}); give it a weight there first (0 elsewhere)"
+                    )
+        if errors:
+            raise ValueError("\n".join(errors))
         return self
+
+    def reward_names(self) -> list[str]:
+        """The rewards of the run, in the order of their functions (the keys that are not languages)."""
+        return list(self.reward_weights_for(None))
+
+    def language_reward_weights(self) -> dict[str, dict[str, float]]:
+        """The languages that replace some weights, and those weights."""
+        return {key: value for key, value in self.reward_weights.items() if isinstance(value, dict)}
+
+    def reward_weights_for(self, lang: str | None) -> dict[str, float]:
+        """Every reward's weight in `lang` (None: the weights of every language), in the order of the rewards."""
+        replaced = self.language_reward_weights().get(lang, {}) if lang else {}
+        return {
+            name: replaced.get(name, weight)
+            for name, weight in self.reward_weights.items()
+            if not isinstance(weight, dict)
+        }
 
 
 class SftParams(TrainingParams):
     dataset: str = "chains"
+
+
+class TopupParams(TrainingParams):
+    """The post's targeted SFT top-up: SFT continued on a small math-dense set before GRPO-from-SFT, per language.
+
+    An SFT adapter is trained further (`lora` does not apply to it); a whole SFT model gets a LoRA (`use_lora`) or is
+    fine-tuned whole. GRPO-from-SFT of a topped-up language starts from the top-up.
+    """
+
+    # The languages topped up (the post: Japanese and Spanish); none: off, and every topup@{lang} writes a marker.
+    languages: list[LangCode] = []
+    # A dataset with role `sft` and worked solutions.
+    dataset: str = "topup_math"
 
 
 @dataclass(frozen=True)
@@ -529,6 +615,7 @@ class Params(Section):
     prompts: PromptParams = PromptParams()
     scoring: ScoringParams = ScoringParams()
     sft: SftParams = SftParams()
+    topup: TopupParams = TopupParams()
     grpo: GrpoParams = GrpoParams()
     merge: MergeParams = MergeParams()
     evaluation: EvaluationParams
@@ -559,6 +646,11 @@ class Params(Section):
             if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
                 errors.append(f"datasets.{name}: dataset names are lowercase identifiers")
         self._check_dataset_role(errors, "sft.dataset", self.sft.dataset, "sft")
+        # topup@{lang} depends on its dataset's files whether it is on or not.
+        self._check_dataset_role(errors, "topup.dataset", self.topup.dataset, "sft")
+        for lang in self.topup.languages:
+            if lang not in self.languages:
+                errors.append(f"topup.languages: {lang!r} is not in languages ({', '.join(self.languages)})")
         if self.base_model.reasoning_prior:
             self._check_dataset_role(
                 errors, "base_model.reasoning_prior.dataset", self.base_model.reasoning_prior.dataset, "sft"
@@ -567,6 +659,13 @@ class Params(Section):
             self._check_dataset_role(errors, "evaluation.datasets", name, "eval")
         if not any(d.role == "grpo" for d in self.datasets.values()):
             errors.append("datasets: one dataset needs role `grpo` (the GRPO problems)")
+        for name in self.grpo.datasets:
+            self._check_dataset_role(errors, f"grpo.datasets.{name}", name, "grpo")
+        for lang in self.grpo.language_reward_weights():
+            if lang not in self.languages:
+                errors.append(
+                    f"grpo.reward_weights.{lang}: {lang!r} is not in languages ({', '.join(self.languages)})"
+                )
         unknown_norm = sorted(set(self.normalize) - set(self.languages) - {"en"})
         if unknown_norm:
             errors.append(f"normalize: {unknown_norm} not in languages")
@@ -627,6 +726,8 @@ def global_batches(params: Params) -> dict[str, int]:
         "sft.batch_size": params.sft.batch_size,
         "grpo.prompts_per_step": params.grpo.prompts_per_step * params.grpo.num_generations,
     }
+    if params.topup.languages:
+        batches["topup.batch_size"] = params.topup.batch_size
     if params.base_model.reasoning_prior:
         batches["base_model.reasoning_prior.training.batch_size"] = (
             params.base_model.reasoning_prior.training.batch_size

@@ -34,14 +34,15 @@ def base_model_dir() -> Path:
 
 
 def model_dir(name: str) -> Path:
-    """`base`, `merge`, `sft-ja`, `grpo_sft-fr` -> data/models/base, .../merge, .../sft/ja, .../grpo_sft/fr.
+    """`base`, `merge`, `sft-ja`, `topup-ja`, `grpo_sft-fr` -> data/models/base, .../merge, .../sft/ja, .../topup/ja,
+    .../grpo_sft/fr.
 
     One folder per regime, so a DVC stage can depend on `data/models/${regime}` for any regime.
     """
     if name in REGIMES_WITH_ONE_MODEL:
         return models_dir() / name
     regime, _, lang = name.partition("-")
-    if regime in ("sft", "grpo_base", "grpo_sft") and lang:
+    if regime in ("sft", "topup", "grpo_base", "grpo_sft") and lang:
         return models_dir() / regime / lang
     raise ValueError(f"unknown model name {name!r}")
 
@@ -76,6 +77,11 @@ def translated(dataset: str, lang: str) -> Path:
 def normalized(dataset: str, lang: str) -> Path:
     """What training and evaluation read: one file per dataset and language (English included)."""
     return data_dir() / "normalized" / dataset / f"{lang}.jsonl"
+
+
+def grpo_problems(lang: str) -> Path:
+    """GRPO's prompts in one language: the mixture of `grpo.datasets`, each problem with its domain."""
+    return data_dir() / "grpo" / f"{lang}.jsonl"
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------

@@ -156,6 +156,19 @@ def prompt_texts(params: Params, dataset: str, lang: str, tokenizer: Any | None)
     return Texts(len(problems), [round(len(p.question) / params.plan.chars_per_token) for p in problems], True)
 
 
+def grpo_prompt_texts(params: Params, lang: str, tokenizer: Any | None) -> Texts:
+    """GRPO's prompts in `lang`: the mixture of `grpo.datasets` (grpo_data@{lang}), each dataset's share of it."""
+    from budget_alignment.train.grpo_data import mixture_counts
+
+    used = [name for name, spec in params.grpo.datasets.items() if spec.weight > 0]
+    parts = [prompt_texts(params, name, lang, tokenizer) for name in used]
+    counts = mixture_counts([part.records for part in parts], [params.grpo.datasets[name].weight for name in used])
+    tokens = [
+        part.tokens[i % len(part.tokens)] for part, count in zip(parts, counts, strict=True) for i in range(count)
+    ]
+    return Texts(sum(counts), tokens, any(part.estimated for part in parts))
+
+
 def _sized(params: Params, dataset: str) -> Texts:
     size = params.plan.sizes.get(dataset)
     if size is None:
@@ -227,11 +240,15 @@ def plan_stages(params: Params) -> list[StageCost]:
         sft = params.sft
         texts = training_texts(params, sft.dataset, lang, tokenizer, sft.max_length_for(lang))
         costs.append(training_cost(params, f"sft@{lang}", texts, sft, dtype))
+    topup = params.topup
+    for lang in topup.languages:  # the others write a marker
+        texts = training_texts(params, topup.dataset, lang, tokenizer, topup.max_length_for(lang))
+        costs.append(training_cost(params, f"topup@{lang}", texts, topup, dtype))
     grpo = params.grpo
     lora_bytes = lora_parameters(params, grpo.lora.r) * DTYPE_BYTES[dtype]
     for init in grpo.init:
         for lang in params.languages:
-            texts = prompt_texts(params, grpo.dataset, lang, tokenizer)
+            texts = grpo_prompt_texts(params, lang, tokenizer)
             per_epoch = math.ceil(texts.records / grpo.prompts_per_step)
             steps = grpo.max_steps if grpo.max_steps > 0 else math.ceil(per_epoch * grpo.num_train_epochs)
             completions = steps * grpo.prompts_per_step * grpo.num_generations

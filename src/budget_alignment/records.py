@@ -59,6 +59,19 @@ class Problem(Record):
         return self
 
 
+class GrpoProblem(Problem):
+    """A GRPO prompt: a problem and the domain its rewards judge it in (`grpo.datasets.<name>.domain`)."""
+
+    domain: str
+
+    @field_validator("domain")
+    @classmethod
+    def _domain_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
 class Completion(Record):
     """One sampled answer of a model to a problem."""
 

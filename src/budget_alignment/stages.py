@@ -49,6 +49,10 @@ STAGES: dict[str, Stage] = {
               "contracts.max_rejected_fraction.translate", "hub_mirror", "trust_remote_code"), ("dataset",)),
         Stage("normalize", "data.normalize", ("normalize", "contracts.max_rejected_fraction.normalize"), ("dataset",)),
         Stage("sft", "train.sft", ("sft", "prompts", "compute", "seed", *MODEL_LOADING), ("lang",)),
+        # The targeted SFT top-up of the languages in topup.languages (a marker for the others).
+        Stage("topup", "train.topup", ("topup", "prompts", "compute", "seed", *MODEL_LOADING), ("lang",)),
+        # GRPO's prompts: the mixture of grpo.datasets (a seeded sample of the datasets after the first).
+        Stage("grpo_data", "train.grpo_data", ("grpo.datasets", "seed"), ("lang",)),
         # The rewards are the scoring code with its thresholds.
         Stage("grpo", "train.grpo", ("grpo", "prompts", "scoring", "compute", "seed", *MODEL_LOADING),
               ("init", "lang")),

@@ -58,6 +58,25 @@ def publish_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Pat
     log.info("model written to %s", out)
 
 
+# A training stage its params switch off (a language without a top-up) writes this file alone in place of a model. Its
+# content never changes, so the stages that depend on the folder see no change while the switch stays off.
+SWITCHED_OFF = "switched_off.json"
+
+
+def publish_switched_off(out: Path) -> None:
+    """Write the switched-off marker as the stage's whole output, atomically."""
+    with atomic_directory(out) as building:
+        write_json(building / SWITCHED_OFF, {"trained": False})
+    log.info("switched off: %s holds no model", out)
+
+
+def switched_off(folder: Path) -> bool:
+    """Whether `folder` is a switched-off stage's output (its marker alone, no model)."""
+    return (
+        (folder / SWITCHED_OFF).is_file() and not loading.is_adapter(folder) and not (folder / "config.json").exists()
+    )
+
+
 def training_metrics(trainer: Trainer) -> dict[str, Any]:
     """What every training stage reports: steps, epochs, the logged losses and the tokens trained on.
 

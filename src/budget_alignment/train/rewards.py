@@ -9,8 +9,12 @@ factory in `REWARDS` that takes the scoring params. A completion is what the mod
 - `language`: the share of the reasoning's letters that are in the requested language (graded, 0.0 to 1.0; the
   language metric's `think_share`).
 - `format`: 1.0 when `</think>` is followed by a non-empty `\\boxed{}`, else 0.0.
+- `medical`: the medical reward head (`scoring/medical.py`): for an example of the `medical` domain, 0.5 when the
+  answer names its chosen option's text in the requested language, plus 0.5 when the completion makes no
+  over-assertive claim; None (not judged) for an example of another domain.
 
-The dataset columns they read: `answer`, `answer_type`, `choices` (JSON, or empty) and `lang`.
+The dataset columns they read: `answer`, `answer_type`, `choices` (JSON, or empty), `lang` and `domain` (the
+example's domain, `grpo.datasets.<name>.domain`; an example without one is math).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from budget_alignment.params import ScoringParams
 from budget_alignment.scoring.answers import check_answer, format_ok
 from budget_alignment.scoring.language import LanguageJudge
+from budget_alignment.scoring.medical import check_medical_answer
 
 RewardFunction = Callable[..., list[float | None]]
 
@@ -82,10 +87,36 @@ def format_reward(scoring: ScoringParams) -> RewardFunction:
     return format
 
 
+MEDICAL = "medical"
+
+
+def medical_reward(scoring: ScoringParams) -> RewardFunction:
+    judge = LanguageJudge(scoring.language)
+
+    def medical(
+        completions: Sequence[Any],
+        lang: Sequence[str],
+        choices: Sequence[str] | None = None,
+        domain: Sequence[str] | None = None,
+        **_: Any,
+    ) -> list[float | None]:
+        domains = domain or ["math"] * len(completions)
+        options = choices or [""] * len(completions)
+        return [
+            check_medical_answer(completion_text(completion), json.loads(option), language, judge).score
+            if kind == MEDICAL and option
+            else None
+            for completion, language, option, kind in zip(completions, lang, options, domains, strict=True)
+        ]
+
+    return medical
+
+
 REWARDS: dict[str, Callable[[ScoringParams], RewardFunction]] = {
     "accuracy": accuracy_reward,
     "language": language_reward,
     "format": format_reward,
+    "medical": medical_reward,
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from budget_alignment import loading, paths, prompts
-from budget_alignment.params import ComputeParams, Params, PromptParams, TrainingParams
+from budget_alignment.params import ComputeParams, Params, PromptParams, SftParams, TopupParams, TrainingParams
 from budget_alignment.records import Problem
 from budget_alignment.tracking import StageRun
 from budget_alignment.train import checkpoints, outputs
@@ -114,18 +114,21 @@ def make_sft_trainer(
     config: SFTConfig,
     training: TrainingParams,
     run: StageRun | None = None,
+    continue_adapter: bool = False,
 ) -> SFTTrainer:
+    """`continue_adapter`: the model carries a trainable adapter, trained further (no new LoRA)."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTTrainer
 
     set_seed(config.seed)  # before the LoRA weights are drawn
+    new_lora = training.use_lora and not continue_adapter
     return SFTTrainer(
         model=model,
         args=config,
         train_dataset=Dataset.from_list(list(examples)),
         processing_class=tokenizer,
-        peft_config=setup.lora_config(training.lora) if training.use_lora else None,
+        peft_config=setup.lora_config(training.lora) if new_lora else None,
         callbacks=setup.tracking_callbacks(run),
     )
 
@@ -143,8 +146,12 @@ def fine_tune(
     checkpoint_dir: Path,
     run: StageRun | None,
     batch_key: str = BATCH_KEY,
+    continue_adapter: bool = False,
 ) -> tuple[SFTTrainer, dict[str, Any]]:
-    """Train on prompt/completion `examples`, resuming from `checkpoint_dir` after a crash: trainer and metrics."""
+    """Train on prompt/completion `examples`, resuming from `checkpoint_dir` after a crash: trainer and metrics.
+
+    `continue_adapter`: `model` carries a trainable adapter, which is trained further instead of a new LoRA.
+    """
     setup.apply_compute(compute)
     truncated = count_truncated(examples, tokenizer, max_length)
     if truncated:
@@ -164,7 +171,7 @@ def fine_tune(
         output_dir=checkpoint_dir,
         batch_key=batch_key,
     )
-    trainer = make_sft_trainer(model, tokenizer, examples, config, training, run)
+    trainer = make_sft_trainer(model, tokenizer, examples, config, training, run, continue_adapter=continue_adapter)
     resumed_from = checkpoints.train_resumably(trainer, checkpoint_dir)
     if run is not None and resumed_from is not None:
         run.add_budget(resumed_from_step=resumed_from)  # a fact of this run, not of its inputs
@@ -178,30 +185,54 @@ def fine_tune(
 
 def train_sft(params: Params, lang: str, run: StageRun | None = None) -> dict[str, Any]:
     """The `sft@{lang}` stage: fine-tune the base on the chains of `lang` and write the model and its metrics."""
-    stage = stage_name(lang)
-    settings = params.sft
-    data = paths.normalized(settings.dataset, lang)
     base = setup.require_model(paths.base_model_dir(), "base model")
-    problems = setup.read_problems(data, f"sft dataset {settings.dataset!r} ({lang})")
-    tokenizer = loading.load_model_tokenizer(base, params)
+    return train_from(
+        params, stage_name(lang), params.sft, lang, start=base, out=paths.model_dir(f"sft-{lang}"), run=run
+    )
+
+
+def train_from(
+    params: Params,
+    stage: str,
+    training: SftParams | TopupParams,
+    lang: str,
+    *,
+    start: Path,
+    out: Path,
+    run: StageRun | None,
+    batch_key: str = BATCH_KEY,
+    recorded: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A fine-tuning stage: the model at `start` trained on `training.dataset` in `lang`, written to `out` with its
+    metrics (and `recorded` before them). An adapter at `start` is trained further; a whole model gets a LoRA as
+    `training.use_lora` says, or is fine-tuned whole."""
+    data = paths.normalized(training.dataset, lang)
+    problems = setup.read_problems(data, f"{stage.partition('@')[0]} dataset {training.dataset!r} ({lang})")
+    tokenizer = loading.load_model_tokenizer(start, params)
     examples = sft_examples(problems, tokenizer, params.prompts)
     digest = checkpoints.fingerprint(
-        stage, settings.model_dump(mode="json"), params.prompts.model_dump(), params.seed, data, base
+        stage, training.model_dump(mode="json"), params.prompts.model_dump(), params.seed, data, start
     )
     checkpoint_dir = checkpoints.checkpoint_dir(stage, digest)
+    continued = loading.is_adapter(start)
     trainer, metrics = fine_tune(
         stage=stage,
-        model=loading.load_model(base, params),
+        model=loading.load_model(start, params, trainable=continued),
         tokenizer=tokenizer,
         examples=examples,
-        training=settings,
-        max_length=settings.max_length_for(lang),
+        training=training,
+        max_length=training.max_length_for(lang),
         compute=params.compute,
         seed=params.seed,
         checkpoint_dir=checkpoint_dir,
         run=run,
+        batch_key=batch_key,
+        continue_adapter=continued,
     )
-    outputs.publish_model(trainer, tokenizer, paths.model_dir(f"sft-{lang}"), parent=base)
+    metrics = {**(recorded or {}), **metrics}
+    # An adapter trained further applies to its own parent; a new LoRA applies to the model it was put on.
+    parent = loading.adapter_parent(start) if continued else start
+    outputs.publish_model(trainer, tokenizer, out, parent=parent)
     outputs.write_metrics(trainer, stage, metrics)
     if trainer.is_world_process_zero():
         checkpoints.remove_checkpoints(checkpoint_dir)

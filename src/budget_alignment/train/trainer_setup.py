@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from budget_alignment import loading, tracking
 from budget_alignment.errors import StageError
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 log = logging.getLogger(__name__)
+P = TypeVar("P", bound=Problem)
 
 
 class TrainingError(StageError, RuntimeError):
@@ -151,12 +152,12 @@ def require_model(folder: Path, what: str) -> Path:
         raise TrainingError(str(error)) from None
 
 
-def read_problems(path: Path, what: str) -> list[Problem]:
-    """A training stage's problems: present, valid, not empty."""
+def read_problems(path: Path, what: str, model: type[P] = Problem, written_by: str = "the data stages") -> list[P]:
+    """A training stage's problems (`model` records): present, valid, not empty."""
     if not path.is_file():
-        raise TrainingError(f"{what}: {path} does not exist (run the data stages first)")
+        raise TrainingError(f"{what}: {path} does not exist (run {written_by} first)")
     try:
-        problems = read_records(path, Problem)
+        problems = read_records(path, model)
     except RecordError as error:
         raise TrainingError(str(error)) from None
     if not problems:
