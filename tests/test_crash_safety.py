@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +38,7 @@ from test_train_helpers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 def budget_align(*args: str) -> list[str]:
@@ -281,3 +284,76 @@ def test_a_killed_sft_stage_ends_as_an_uninterrupted_run(tmp_path):
     expected = load_file(reference / paths.model_dir("sft-ja") / "adapter_model.safetensors")
     for name, tensor in load_file(crashed / paths.model_dir("sft-ja") / "adapter_model.safetensors").items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+# --- through `dvc repro` -------------------------------------------------------------------------------------------
+
+
+def dvc_project(root: Path, clip_high: float) -> Path:
+    """The GRPO project as a DVC repository with the pipeline's own dvc.yaml and code."""
+    grpo_project(root, steps=8)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    set_clip_high(root, clip_high)
+    for command in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True)
+    return root
+
+
+def set_clip_high(root: Path, value: float) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["grpo"]["clip_high"] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+REPRO = [str(BIN / "dvc"), "repro", "--single-item", "grpo@base-ja"]
+
+
+def dvc_env(root: Path) -> dict[str, str]:
+    return subprocess_env(root) | {"PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(root / "src")}
+
+
+def repro_killed_at_a_checkpoint(root: Path, fresh) -> str:
+    """`dvc repro` killed, its whole process group (DVC, the stage, its tracking helper), once `fresh()` finds a
+    complete checkpoint; what it printed."""
+    log = root / "repro.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(REPRO, cwd=root, env=dvc_env(root), stdout=out, stderr=out, start_new_session=True)
+        try:
+            wait_for(lambda: bool(fresh()), process)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return log.read_text()
+
+
+@pytest.mark.slow
+def test_dvc_repro_killed_mid_stage_resumes_and_a_changed_param_starts_afresh(tmp_path):
+    root = dvc_project(tmp_path / "project", clip_high=0.28)
+    checkpoints = root / ".cache/checkpoints/grpo@base-ja"
+
+    def complete(exclude: set[Path] = frozenset()) -> list[Path]:
+        found = checkpoints.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}")
+        return [marker.parent for marker in found if marker.parent.parent not in exclude]
+
+    repro_killed_at_a_checkpoint(root, complete)
+    first = {checkpoint.parent for checkpoint in complete()}
+    # Another clip_high: the old checkpoint is not resumed (its fingerprint differs); killed again mid-stage.
+    set_clip_high(root, 0.3)
+    log = repro_killed_at_a_checkpoint(root, lambda: complete(exclude=first))
+    assert "Running stage 'grpo@base-ja'" in log and "resuming from" not in log
+    (second,) = {checkpoint.parent for checkpoint in complete(exclude=first)}
+    # DVC's lock and the killed helper do not stand in the way; the stage resumes from its own checkpoint (the one the
+    # test saw, or a later one a dying process finished writing).
+    result = subprocess.run(REPRO, cwd=root, env=dvc_env(root), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed = re.search(rf"resuming from {re.escape(str(second))}/checkpoint-(\d+)", result.stderr)
+    assert resumed, result.stderr[-3000:]
+    budget = json.loads((root / paths.budget_file("grpo@base-ja")).read_text())
+    assert budget["resumed_from_step"] == int(resumed[1]) > 0
+    assert json.loads((root / paths.training_metrics_file("grpo@base-ja")).read_text())["global_step"] == 8
+    # Its checkpoints are gone; the other clip_high's stay (they may belong to a run going on elsewhere).
+    assert not second.exists() and first == {checkpoints / name for name in os.listdir(checkpoints)}
+    # Nothing finished is redone.
+    again = subprocess.run(REPRO, cwd=root, env=dvc_env(root), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout

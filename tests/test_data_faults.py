@@ -5,14 +5,10 @@ reach anything the pipeline writes. File systems fill up without `mount`: the ch
 
 from __future__ import annotations
 
-import os
 import re
-import resource
 import secrets
 import socket
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +18,7 @@ from budget_alignment.data.sources import load_source
 from budget_alignment.params import BundledSource
 from budget_alignment.records import Problem, read_records, write_records
 from chat_server import ChatServer, status
+from stage_process import budget_align, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 CHAINS = load_source(BundledSource(name="chains"), "chains", "en")
@@ -53,42 +50,6 @@ def make_project(root: Path, base_url: str, *, api_key_env: str | None = None, t
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     return root
-
-
-def environment(root: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "DVC_ROOT", "DVC_STAGE")}
-    return {
-        **env,
-        "PYTHONPATH": str(REPO / "src"),
-        "BUDGET_ALIGNMENT_CACHE": str(root / ".cache"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        **extra,
-    }
-
-
-def budget_align(root: Path, *args: str, file_size_limit: int | None = None, **env: str):
-    def limit() -> None:
-        if file_size_limit is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-
-    return subprocess.run(
-        [sys.executable, "-m", "budget_alignment.cli", *args],
-        cwd=root,
-        env=environment(root, **env),
-        capture_output=True,
-        text=True,
-        preexec_fn=limit,
-        timeout=600,
-    )
-
-
-def one_error_line(result) -> str:
-    """The command failed with exactly one `error:` line and no traceback; that line."""
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 def ingested(root: Path) -> None:

@@ -33,14 +33,13 @@ def project(tmp_path, monkeypatch):
     return enter_project(tmp_path, monkeypatch)
 
 
-def config_for(params: Params, tmp_path: Path, report_to="none"):
+def config_for(params: Params, tmp_path: Path):
     return grpo.grpo_config(
         params.grpo,
         stage="grpo@sft-ja",
         compute=params.compute,
         seed=params.seed,
         output_dir=tmp_path / "checkpoints",
-        report_to=report_to,
     )
 
 
@@ -111,7 +110,7 @@ def test_a_language_may_replace_reward_weights(tmp_path):
     params = Params.model_validate(yaml.safe_load(composed("+grpo.reward_weights.es={accuracy:1.0,language:0.1}")))
     assert params.grpo.reward_names() == ["accuracy", "language", "format"]
     spanish = grpo.grpo_config(params.grpo, stage="grpo@sft-es", compute=params.compute, seed=params.seed,
-                               output_dir=tmp_path, report_to="none", lang="es")  # fmt: skip
+                               output_dir=tmp_path, lang="es")  # fmt: skip
     assert spanish.reward_weights == [1.0, 0.1, 0.2]
     assert config_for(params, tmp_path).reward_weights == [1.0, 0.2, 0.2]  # every other language
 

@@ -82,11 +82,13 @@ def test_other_languages_are_judged_in_their_language_and_not_in_another(lang: s
     assert not judge.judge_span(text, "ja").in_lang
 
 
-def test_every_lingua_language_can_be_asked_for(judge: LanguageJudge) -> None:
-    for lang in sorted(supported_languages()):
-        # Too short to judge; what matters is that every code has a rule.
-        assert judge.judge("<think>42</think>ok", lang) == LanguageVerdict(True, True, 1.0, 1.0)
-        assert script_of(lang)
+def test_every_lingua_language_can_be_asked_for_and_english_is_in_none_but_english(judge: LanguageJudge) -> None:
+    english = "First we add the two numbers together, and then we divide the sum by two to find their average."
+    judged = {lang: judge.judge(f"<think>{english}</think>{english}", lang) for lang in sorted(supported_languages())}
+    assert {lang for lang, verdict in judged.items() if verdict.think_in_lang or verdict.answer_in_lang} == {"en"}
+    assert all(verdict.think_share == 0.0 for lang, verdict in judged.items() if lang != "en")
+    for lang in judged:  # too short to judge: left alone, whatever the language
+        assert script_of(lang) and judge.judge("<think>42</think>ok", lang) == LanguageVerdict(True, True, 1.0, 1.0)
 
 
 @pytest.mark.parametrize("code", ["xx", "jp", "EN", ""])

@@ -130,23 +130,18 @@ def test_format(text, expected):
     assert call(rewards.format_reward(SCORING), [text]) == [expected]
 
 
-def test_language_reward_is_the_metric_the_report_shows():
-    """The reward is the judge's graded share: it meets the table's expected verdicts and shares (tests/cases)."""
-    from pathlib import Path
+@pytest.mark.parametrize(
+    ("text", "lang", "low", "high"), [case[1:] for case in LANGUAGE_CASES], ids=[case[0] for case in LANGUAGE_CASES]
+)
+def test_language_reward_agrees_with_the_metric_the_report_shows(text, lang, low, high):
+    """The score stage's verdict (think_following in the report) is the reward reaching the threshold."""
+    from budget_alignment.evaluation.score import judge_one
+    from budget_alignment.scoring.language import LanguageJudge
 
-    import yaml
-
-    cases = yaml.safe_load((Path(__file__).parent / "cases" / "language.yaml").read_text(encoding="utf-8"))
-    shares = call(
-        rewards.language_reward(SCORING),
-        [case["text"] for case in cases],
-        lang=[case["lang"] for case in cases],
-    )
-    threshold = SCORING.language.min_target_share
-    for case, share in zip(cases, shares, strict=True):
-        assert (share >= threshold) is case["think"], (case["id"], share)
-        if "think_share" in case:
-            assert share == pytest.approx(case["think_share"], abs=0.1), (case["id"], share)
+    (share,) = call(rewards.language_reward(SCORING), [text], lang=[lang])
+    _, _, think_in_lang, _, _ = judge_one((text, lang, "15", "math", None), LanguageJudge(SCORING.language), None)
+    assert think_in_lang == (share >= SCORING.language.min_target_share)
+    assert think_in_lang == (low >= SCORING.language.min_target_share)  # the case's own expectation, not the judge's
 
 
 def test_registry_builds_named_rewards_in_the_order_asked():

@@ -44,7 +44,6 @@ def config_for(training: SftParams, tmp_path: Path, lang: str = "ja", **changes)
         compute=ComputeParams(device="cpu"),
         seed=7,
         output_dir=tmp_path / "checkpoints",
-        report_to="none",
         **changes,
     )
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -111,13 +113,69 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_unreachable_server_warns_and_the_stage_succeeds(dvc_root, params, monkeypatch, caplog):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+def journal_entries(root: Path) -> list[dict]:
+    (journal,) = (root / ".cache/tracking/outbox").glob("*.jsonl")
+    return [json.loads(line) for line in journal.read_text().splitlines()]
+
+
+def test_a_server_dead_from_the_start_warns_and_everything_waits_in_the_outbox(dvc_root, params, monkeypatch, caplog):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    report = dvc_root / "report.json"
+    report.write_text('{"rows": 3}')
     with caplog.at_level(logging.WARNING), tracking.stage_run("merge", params, ["merge"]) as run:
-        run.log_metrics({"x": 1.0})
-        assert not run.active
-    assert "not reachable" in caplog.text
+        run.log_metrics({"x": 1.0}, step=3)
+        run.log_artifact(report, "quality")
+        assert run.active  # it logs, into the outbox
+    assert "not reachable" in caplog.text and "sync-tracking" in caplog.text
     assert json.loads((dvc_root / "reports/budget/merge.json").read_text())["stage"] == "merge"
+    run_entry, metrics, artifact, budget, end = journal_entries(dvc_root)
+    assert run_entry["kind"] == "run" and run_entry["uri"] == uri and run_entry["run_id"] is None
+    assert run_entry["stage"] == "merge" and run_entry["params"]["merge.method"] == "linear"
+    assert run_entry["tags"]["profile"] == "tiny"
+    assert metrics["metrics"] == {"x": 1.0} and metrics["step"] == 3 and metrics["timestamp"] > 0
+    kept = dvc_root / ".cache/tracking/outbox" / Path(artifact["file"]).name
+    assert artifact["artifact_path"] == "quality" and not kept.exists()  # in the journal's own folder
+    assert budget["metrics"]["budget.bytes_written"] == 0
+    assert end["kind"] == "end" and end["status"] == "FINISHED"
+
+
+def test_a_store_that_fails_mid_run_loses_nothing_and_the_next_send_delivers_it(dvc_root, params, monkeypatch):
+    """The store takes the run, then refuses to store an artifact (its folder is not writable): that and everything
+    after waits in the outbox, and the next send delivers it with the original steps and times."""
+    import mlflow
+
+    uri = f"sqlite:///{dvc_root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    blocked = dvc_root / "artifacts"
+    blocked.write_text("a file where the artifact store's folder should be")
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment(params.tracking.experiment, artifact_location=(blocked / "store").as_uri())
+    report = dvc_root / "report.json"
+    report.write_text('{"rows": 3}')
+    with tracking.stage_run("sft", params, ["sft"]) as run:
+        run.log_metrics({"loss": 2.0}, step=1)
+        run.log_artifact(report, "quality")
+        run.log_metrics({"loss": 1.0}, step=2)
+    (found,) = mlflow.search_runs(experiment_names=[params.tracking.experiment], output_format="list")
+    assert found.info.status == "RUNNING"  # its end waits in the outbox too
+    kinds = [entry["kind"] for entry in journal_entries(dvc_root)]
+    assert kinds == ["run", "created", "artifact", "metrics", "metrics", "end"]  # loss@2, then the budget
+
+    blocked.unlink()
+    report_of_send = tracking.send_outbox()
+    assert not report_of_send.left and len(report_of_send.sent) == 1, report_of_send
+    assert not list((dvc_root / ".cache/tracking/outbox").iterdir())
+    found = client.get_run(found.info.run_id)
+    assert found.info.status == "FINISHED" and found.data.params["sft.max_steps"] == str(params.sft.max_steps)
+    history = client.get_metric_history(found.info.run_id, "loss")
+    assert [(point.step, point.value) for point in history] == [(1, 2.0), (2, 1.0)]
+    assert history[0].timestamp <= history[1].timestamp < found.info.end_time
+    assert "budget.wall_seconds" in found.data.metrics
+    (artifact,) = client.list_artifacts(found.info.run_id, "quality")
+    assert artifact.path == "quality/report.json"
+    assert tracking.send_outbox().sent == []  # sent once
 
 
 def test_tracking_can_be_switched_off(dvc_root, params):
@@ -141,12 +199,17 @@ def test_a_killed_stage_leaves_its_run_failed_with_what_it_logged(dvc_root):
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=dvc_root, timeout=120)
     assert result.returncode == -signal.SIGKILL
-    mlflow.set_tracking_uri(f"sqlite:///{dvc_root / 'mlflow.db'}")
-    for _ in range(120):  # the helper notices the closed pipe, logs what it holds and closes the run
-        (found,) = mlflow.search_runs(experiment_names=["budget-alignment"], output_format="list")
-        if found.info.status != "RUNNING":
-            break
+    # The helper notices the closed pipe, logs what it holds and closes the run. The store is read with sqlite until
+    # then: MLflow here would create the schema the helper is creating (on a busy machine, it may not have yet).
+    store = f"file:{dvc_root / 'mlflow.db'}?mode=ro"
+    for _ in range(120):
+        with contextlib.suppress(sqlite3.OperationalError), sqlite3.connect(store, uri=True) as db:
+            if [status for (status,) in db.execute("SELECT status FROM runs")] not in ([], ["RUNNING"]):
+                break
         time.sleep(0.5)
+    mlflow.set_tracking_uri(f"sqlite:///{dvc_root / 'mlflow.db'}")
+    (found,) = mlflow.search_runs(experiment_names=["budget-alignment"], output_format="list")
     assert found.info.status == "FAILED"
     assert found.data.metrics["train.loss"] == 1.5
     assert not (dvc_root / "reports/budget/sft@ja.json").exists()
+    assert not list((dvc_root / ".cache/tracking/outbox").glob("*"))  # all delivered: no journal left

@@ -1,5 +1,6 @@
 """`budget-align`: one command per pipeline stage (`stages.py` names each stage's command, module and params keys),
-and the tools around the pipeline (check-params, compose-params, score-files, budget, compare, ui, plan).
+and the tools around the pipeline (check-params, compose-params, score-files, budget, compare, ui, plan,
+sync-tracking).
 
 Every stage command has one skeleton (`tracked_stage`): params loaded and validated, the stage instance checked, the
 stage's MLflow run opened with the params keys it reads, its libraries imported inside the run (so they load while
@@ -43,17 +44,18 @@ class OneLineErrors(typer.core.TyperGroup):
     """
 
     def invoke(self, ctx):
-        from budget_alignment.io import WRITE_FAILURES, OutputError
+        from budget_alignment.io import write_failure
 
         try:
             return super().invoke(ctx)
         except StageError as error:
             fail(str(error))
-        except OSError as error:
-            if not isinstance(error, OutputError) and error.errno not in WRITE_FAILURES:
+        except Exception as error:
+            # Stages name the path (io.writing); a write no stage wrapped still ends in one line, with its cause.
+            failure = write_failure(error)
+            if failure is None:
                 raise
-            where = f"cannot write {error.filename}: {error.strerror}" if error.filename else error.strerror
-            fail(f"{where or error}. Free space or fix the path, then rerun: finished outputs and caches are kept.")
+            fail(f"{failure.strerror}. Free space or fix the path, then rerun: finished outputs and caches are kept.")
 
 
 app = typer.Typer(
@@ -530,6 +532,24 @@ def plan(
     result = make_plan(params)
     typer.echo(plan_table(result))
     check_disk(result, paths.repo_root())
+
+
+@app.command("sync-tracking")
+def sync_tracking() -> None:
+    """Send MLflow what stages could not log while the tracking store was down or failing (their runs, params, metrics,
+    artifacts and final states, kept in .cache/tracking/outbox/). Fails (status 1) unless the outbox is then empty."""
+    from budget_alignment import paths, tracking
+
+    report = tracking.send_outbox()
+    for line in report.sent:
+        typer.echo(f"sent {line}")
+    for line in report.dropped:
+        typer.echo(f"dropped {line}", err=True)
+    require(
+        not report.left,
+        f"{len(report.left)} run(s) still wait in {paths.tracking_outbox()}: " + "; ".join(report.left),
+    )
+    typer.echo(f"the outbox is empty ({len(report.sent)} run(s) sent)")
 
 
 def main() -> None:

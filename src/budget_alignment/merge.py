@@ -9,11 +9,18 @@ GRPO models as members: the `merge` stage depends on the base and SFT models and
 the GRPO models (else every GRPO experiment would rerun the merge). For each init in `merge.grpo_inits`, stage
 `merge_members@{init}` (`record_merge_members`) depends on `data/models/grpo_{init}` and writes the digests of the
 members taken from it into that folder: the merge reruns when, and only when, a GRPO model it takes changes.
+
+mergekit applies an adapter to its parent into a cache folder that it reuses whenever the folder exists, complete or
+not; a merge killed or stopped by a full disk while writing it would leave a broken model for every later merge. So
+each merge applies adapters in a folder of its own (under `paths.lora_merge_cache()`), removed when it ends. A write
+that fails (a full disk) ends the stage with one `OutputError` naming the output; the previous output stays.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +29,7 @@ import yaml
 from budget_alignment import loading, paths
 from budget_alignment.errors import StageError
 from budget_alignment.fingerprints import tree_digest
-from budget_alignment.io import atomic_directory, write_json
+from budget_alignment.io import atomic_directory, remove_leftovers, write_json, writing
 from budget_alignment.params import MERGE_METHODS, Params
 from budget_alignment.tracking import StageRun
 
@@ -96,9 +103,11 @@ def merge_models(params: Params, out: Path, run: StageRun | None = None) -> dict
 
     config = merge_configuration(params)
     log.info("merging %s with %s", ", ".join(params.merge.members), params.merge.method)
+    adapters = paths.lora_merge_cache() / f"merge-{os.getpid()}"
+    remove_leftovers(p for p in paths.lora_merge_cache().glob("merge-*") if not _alive(p.name.removeprefix("merge-")))
     options = MergeOptions(
         copy_tokenizer=True,
-        lora_merge_cache=str(paths.lora_merge_cache()),
+        lora_merge_cache=str(adapters),
         trust_remote_code=loading.trusts_remote_code(params),
         random_seed=params.seed,
         safe_serialization=True,
@@ -109,14 +118,28 @@ def merge_models(params: Params, out: Path, run: StageRun | None = None) -> dict
         merge_config = MergeConfiguration.model_validate(config)
     except ValueError as error:
         raise MergeError(f"mergekit rejected the configuration built from params.merge: {error}") from None
-    with atomic_directory(out) as tmp:
-        run_merge(merge_config, str(tmp), options=options)
-        _copy_chat_files(paths.base_model_dir(), tmp)
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    try:
+        with writing(out), atomic_directory(out) as tmp:
+            run_merge(merge_config, str(tmp), options=options)
+            _copy_chat_files(paths.base_model_dir(), tmp)
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    finally:
+        shutil.rmtree(adapters, ignore_errors=True)
     if run is not None:
         run.add_output(out)
         run.log_artifact(out / CONFIG_FILE)
     return config
+
+
+def _alive(pid: str) -> bool:
+    """Whether the merge that made a folder named after its process id may still be running."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _copy_chat_files(base: Path, out: Path) -> None:

@@ -201,3 +201,17 @@ def normalized_dir(dataset: str) -> Path:
 def translation_cache() -> Path:
     """Machine translations of chunks, reused across runs (not an output: it keeps timestamps)."""
     return cache_dir() / "translations" / "cache.sqlite"
+
+
+# --- tracking
+
+
+def tracking_outbox() -> Path:
+    """What stages could not log to MLflow (an outage), kept until a later stage or `budget-align sync-tracking` sends
+    it: one journal per stage run, and the artifacts it holds."""
+    return cache_dir() / "tracking" / "outbox"
+
+
+def tracking_relay() -> Path:
+    """Where the ranks of a re-launched training stage leave their metrics for the process that holds the run."""
+    return cache_dir() / "tracking" / "relay"

@@ -1,12 +1,30 @@
-"""MLflow tracking and budget accounting, one run per stage instance.
+"""MLflow tracking and budget accounting, one run per stage instance; an outage loses nothing.
 
 The tracking store is sqlite at `$DVC_ROOT/mlflow.db` unless `MLFLOW_TRACKING_URI` is set, so runs from
-`dvc exp run --temp/--queue` workspaces land in the repository's database. Tracking is best effort: if the
-store cannot be reached the stage warns and still finishes, and its DVC metrics files are complete.
+`dvc exp run --temp/--queue` workspaces land in the repository's database. A stage's run is held by a helper process
+(`_TrackingProcess`) that logs what the stage sends it: the run with its params and tags, metrics with their steps and
+times, artifacts, the final status.
+
+Tracking never fails a stage, and an outage loses nothing. Whatever the store does not take (it is down from the start,
+dies mid-run, or answers errors) goes to the outbox, `paths.tracking_outbox()`: one journal per stage run, a line per
+message (each line one append), artifacts as files beside it. The stage finishes normally and its DVC metrics files are
+complete. The next stage sends the outbox on its start (in its helper, best effort, for a while, never failing) and
+`budget-align sync-tracking` sends it on demand; metrics keep the step and time they were logged with, so the run ends
+up as it would have without the outage (MLflow keeps a metric logged twice with the same step, time and value once).
+A store that refuses a message as invalid (a bad metric name) is not an outage: that message is dropped with a warning.
+A run whose stage was killed (its helper with it) is closed as FAILED by the next send.
+
+Training curves come through the same path: the Trainers report to a callback (`train/trainer_setup.py`) that logs
+through the stage's run, not through transformers' own MLflow callback, which talks to the server itself and, during
+an outage, would raise inside training or drop the curves. The ranks of a re-launched training stage write their
+metrics to a relay file that the launching process, which holds the run, forwards as they come (`StageRun.relay`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
 import multiprocessing
 import os
@@ -14,15 +32,18 @@ import resource
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from budget_alignment import paths
-from budget_alignment.io import write_json
+from budget_alignment.io import OutputError, write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +54,26 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 # A tracking server that is down must cost seconds, not minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# Closing a run on a server prints a link to stdout, which is the commands' own (sync-tracking reports there).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+# The tag that names a stage run before the store gives it an id (so that an outbox never creates it twice).
+RUN_KEY = "run_key"
+# How long a stage's helper spends sending the outbox of earlier runs, at most.
+REPLAY_BUDGET_S = 30.0
+# How long a finished stage waits for its helper to log what is left and close the run.
+CLOSE_TIMEOUT_S = 120
+# MLflow's limits per log_batch call.
+_METRICS_PER_CALL, _PARAMS_PER_CALL = 1000, 100
+# MLflow's answers that refuse a message for good (a retry would be refused again): not an outage.
+_REJECTIONS = {
+    "INVALID_PARAMETER_VALUE",
+    "BAD_REQUEST",
+    "MALFORMED_REQUEST",
+    "INVALID_STATE",
+    "RESOURCE_ALREADY_EXISTS",
+    "RESOURCE_DOES_NOT_EXIST",
+}
 
 
 def tracking_uri() -> str:
@@ -46,13 +87,13 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
-def experiment_id(name: str) -> str:
-    """The experiment's id (created if missing), tagged to open on its runs table. Call with the tracking URI set."""
-    import mlflow
-
-    experiment = mlflow.set_experiment(name)
+def experiment_id(client: Any, name: str) -> str:
+    """The experiment's id in the store of an `MlflowClient`, created if missing, tagged with its kind."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     if EXPERIMENT_KIND_TAG not in experiment.tags:
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -123,38 +164,28 @@ def _size_of(path: Path) -> int:
     return 0
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class StageRun:
     """What a stage reports while it runs: metrics, artifacts and the outputs whose size counts as written.
 
-    In a stage the MLflow run is held by a helper process (`_TrackingProcess`); in a rank of a re-launched training
-    stage, which joins the launching process's run by its id, the rank logs itself.
+    The messages go to a sink: the helper process that holds the MLflow run (`_TrackingProcess`), the outbox when the
+    store cannot be reached at the start (`_OutboxSink`), or, in a rank of a re-launched training stage, the relay file
+    that the launching process forwards (`_RelaySink`). Without a sink (tracking off) only the budget is kept.
     """
 
-    def __init__(self, stage: str, mlflow_run_id: str | None = None, tracker: _TrackingProcess | None = None) -> None:
+    def __init__(self, stage: str, sink: Any = None) -> None:
         self.stage = stage
-        self._run_id = mlflow_run_id
-        self._tracker = tracker
+        self._sink = sink
         self.outputs: list[Path] = []
         self.budget: dict[str, float] = {}
 
     @property
-    def run_id(self) -> str | None:
-        """The MLflow run's id (None without tracking); waits for the helper process to have opened the run."""
-        return self._tracker.run_id if self._tracker is not None else self._run_id
-
-    @property
     def active(self) -> bool:
-        return self.run_id is not None
-
-    def share_with_trainers(self) -> bool:
-        """Let a transformers Trainer (this process's or a launched rank's) log into this run; whether there is one."""
-        if not self.active:
-            return False
-        os.environ["MLFLOW_RUN_ID"] = str(self.run_id)
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
-        if self._tracker is not None:
-            os.environ["MLFLOW_EXPERIMENT_NAME"] = self._tracker.experiment
-        return True
+        """Whether what the stage logs goes anywhere (to MLflow, now or after an outage)."""
+        return self._sink is not None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         numeric = {
@@ -162,18 +193,14 @@ class StageRun:
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
-        if self._tracker is not None:
-            self._tracker.send("metrics", numeric, step)
-        elif self.active:
-            _log_metrics(self._run_id, numeric, step, self.stage)
+        if self._sink is not None and numeric:
+            self._sink.send("metrics", numeric, step, _now_ms())
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file as it is now (its bytes are read at once, so a later rewrite does not change the artifact)."""
         path = Path(path)
-        if self._tracker is not None:
-            self._tracker.send("artifact", path.name, path.read_bytes(), artifact_path)
-        elif self.active:
-            _log_artifact(self._run_id, path, artifact_path, self.stage)
+        if self._sink is not None:
+            self._sink.send("artifact", path.name, path.read_bytes(), artifact_path)
 
     def add_output(self, path: str | Path) -> None:
         self.outputs.append(Path(path))
@@ -181,9 +208,393 @@ class StageRun:
     def add_budget(self, **figures: float) -> None:
         """Stage-specific budget figures (tokens trained, tokens generated, GPU seconds, ...)."""
         self.budget.update(figures)
+        if isinstance(self._sink, _RelaySink):  # a rank: the launching process writes the budget
+            self._sink.send("budget", figures)
+
+    @contextmanager
+    def relay(self) -> Iterator[dict[str, str]]:
+        """For a re-launched training stage: the environment its ranks need to log into this run. What they log is
+        forwarded as it comes, and the rest when the block ends."""
+        folder = paths.tracking_relay()
+        relay = folder / f"{self.stage}-{uuid.uuid4().hex[:12]}.jsonl"
+        stop = threading.Event()
+        position = 0
+
+        def forward() -> None:
+            nonlocal position
+            if not relay.exists():
+                return
+            with relay.open("rb") as handle:
+                handle.seek(position)
+                for line in handle:
+                    if not line.endswith(b"\n"):
+                        break  # a line a rank is still writing
+                    position += len(line)
+                    with contextlib.suppress(ValueError):
+                        kind, *arguments = json.loads(line)
+                        if kind == "metrics":
+                            numeric, step, timestamp = arguments
+                            if self._sink is not None:
+                                self._sink.send("metrics", numeric, step, timestamp)
+                        elif kind == "budget":
+                            self.budget.update(arguments[0])
+
+        def follow() -> None:
+            while not stop.wait(1.0):
+                forward()
+
+        thread = threading.Thread(target=follow, name=f"relay {self.stage}", daemon=True)
+        thread.start()
+        try:
+            yield {RELAY_VARIABLE: str(relay.resolve())}
+        finally:
+            stop.set()
+            thread.join()
+            forward()
+            relay.unlink(missing_ok=True)
 
 
-_PENDING = object()
+RELAY_VARIABLE = "BUDGET_ALIGNMENT_TRACKING_RELAY"
+
+
+class _RelaySink:
+    """A rank's messages, appended to the relay file the launching process follows (a line per write)."""
+
+    def __init__(self, relay: Path) -> None:
+        self.relay = relay
+
+    def send(self, kind: str, *arguments: Any) -> None:
+        if kind == "artifact":
+            return  # ranks log no artifacts: the launching process logs the stage's
+        try:
+            self.relay.parent.mkdir(parents=True, exist_ok=True)
+            with self.relay.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps([kind, *arguments]) + "\n")
+        except OSError as error:  # tracking must never fail a stage
+            log.warning("MLflow: could not relay %s to the launching process: %s", kind, error)
+
+
+def rank_run(stage: str) -> StageRun | None:
+    """The run of a rank of a re-launched training stage (None when the launching process tracks nothing)."""
+    relay = os.environ.get(RELAY_VARIABLE)
+    return StageRun(stage_name(stage), _RelaySink(Path(relay))) if relay else None
+
+
+# --- the outbox ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """A stage run as MLflow should have it: where, what it is, and its id once the run exists there."""
+
+    uri: str
+    experiment: str
+    stage: str
+    tags: dict[str, str]
+    params: dict[str, Any]
+    start_ms: int
+    run_id: str | None = None
+
+
+class Outbox:
+    """One stage run's journal in the outbox: the run first, then every message the store did not take, in order.
+
+    The journal is locked while its run is open, so that no one sends it half-written; a run that closes with
+    everything delivered removes its journal. A journal left without its end is a run whose stage was killed.
+    """
+
+    def __init__(self, record: RunRecord) -> None:
+        folder = paths.tracking_outbox()
+        self.path = folder / f"{record.stage}-{uuid.uuid4().hex[:12]}.jsonl"
+        self.artifacts = self.path.with_suffix("")
+        self.pending = 0
+        self._handle: Any = None
+        # Locked and given its first line before it takes its name: a sender never sees a journal without its run.
+        starting = folder / f".{self.path.name}.tmp"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._handle = starting.open("a", encoding="utf-8")
+            fcntl.flock(self._handle, fcntl.LOCK_EX)
+            self._handle.write(json.dumps({"kind": "run", **record.__dict__}, ensure_ascii=False) + "\n")
+            self._handle.flush()
+            starting.rename(self.path)
+        except OSError as error:  # a full disk: tracking must never fail a stage
+            log.warning("MLflow: cannot keep %s's tracking for later in %s: %s", record.stage, folder, error)
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+            starting.unlink(missing_ok=True)
+
+    def append(self, entry: Mapping[str, Any]) -> bool:
+        """Append one line (one write); False if it could not be kept (the message is then lost, with a warning)."""
+        if self._handle is None:
+            return False
+        try:
+            self._handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self._handle.flush()
+        except OSError as error:  # a full disk: tracking must never fail a stage
+            log.warning("MLflow: could not keep a %s message for later in %s: %s", entry["kind"], self.path, error)
+            return False
+        if entry["kind"] not in ("run", "created"):
+            self.pending += 1
+        return True
+
+    def keep_artifact(self, name: str, data: bytes, artifact_path: str | None) -> bool:
+        stored = f"{len(list(self.artifacts.glob('*')))}-{name}" if self.artifacts.exists() else f"0-{name}"
+        try:
+            self.artifacts.mkdir(parents=True, exist_ok=True)
+            (self.artifacts / stored).write_bytes(data)
+        except OSError as error:
+            log.warning("MLflow: could not keep artifact %s for later in %s: %s", name, self.artifacts, error)
+            return False
+        return self.append({"kind": "artifact", "file": stored, "name": name, "artifact_path": artifact_path})
+
+    def close(self) -> None:
+        """Release the journal: removed when nothing waits in it, else left for the next send."""
+        if self._handle is None:
+            return
+        with contextlib.suppress(OSError):
+            if not self.pending:
+                self.path.unlink(missing_ok=True)
+            self._handle.close()
+        self._handle = None
+
+
+def _rejected(error: Exception) -> bool:
+    """Whether the store refused a message for good (sending it again would not help)."""
+    return getattr(error, "error_code", None) in _REJECTIONS
+
+
+class _Delivery:
+    """Sends a run's messages to MLflow while the store takes them; from the first failure on, to the outbox."""
+
+    def __init__(self, record: RunRecord, reachable: bool) -> None:
+        self.record = record
+        self.outbox = Outbox(record)
+        self.down = True
+        if reachable:
+            try:
+                _create_run(record, lambda run_id: self.outbox.append({"kind": "created", "run_id": run_id}))
+                self.down = False
+            except Exception as error:
+                self._outage("start a run", error)
+        else:
+            log.warning("MLflow tracking store %s is not reachable; %s logs into the outbox", record.uri, record.stage)
+
+    def _outage(self, what: str, error: Exception) -> None:
+        self.down = True
+        log.warning(
+            "MLflow: could not %s for %s at %s (%s); what it logs waits in %s until the next stage or "
+            "`budget-align sync-tracking` sends it",
+            what,
+            self.record.stage,
+            self.record.uri,
+            str(error).splitlines()[0] if str(error) else type(error).__name__,
+            self.outbox.path,
+        )
+
+    def _deliver(self, what: str, send) -> bool:
+        """Whether `send()` delivered (or the store refused the message for good, which is logged and dropped)."""
+        if self.down:
+            return False
+        try:
+            send()
+            return True
+        except Exception as error:
+            if _rejected(error):
+                log.warning("MLflow refused to %s for %s: %s", what, self.record.stage, error)
+                return True
+            self._outage(what, error)
+            return False
+
+    def metrics(self, numeric: Mapping[str, float], step: int | None, timestamp: int) -> None:
+        batch = [(numeric, step, timestamp)]
+        if not self._deliver("log metrics", lambda: _log_metrics(self.record.uri, self.record.run_id, batch)):
+            self.outbox.append({"kind": "metrics", "metrics": dict(numeric), "step": step, "timestamp": timestamp})
+
+    def artifact(self, name: str, data: bytes, artifact_path: str | None, scratch: Path) -> None:
+        def send() -> None:
+            copy = Path(tempfile.mkdtemp(dir=scratch)) / name  # a folder each: names may repeat
+            copy.write_bytes(data)
+            _client(self.record.uri).log_artifact(self.record.run_id, str(copy), artifact_path)
+
+        if not self._deliver(f"log artifact {name}", send):
+            self.outbox.keep_artifact(name, data, artifact_path)
+
+    def end(self, status: str) -> None:
+        end_ms = _now_ms()
+        if not self._deliver("close the run", lambda: _terminate(self.record.uri, self.record.run_id, status, end_ms)):
+            self.outbox.append({"kind": "end", "status": status, "end_ms": end_ms})
+        self.outbox.close()
+        if self.outbox.pending:
+            log.warning(
+                "MLflow: %d message(s) of %s wait in %s (sent by the next stage, or `budget-align sync-tracking`)",
+                self.outbox.pending,
+                self.record.stage,
+                self.outbox.path,
+            )
+
+
+def _client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _create_run(record: RunRecord, created: Callable[[str], Any], *, again: bool = False) -> None:
+    """Create the run with its tags, say so (`created(run_id)`, before anything else can fail), log its params.
+
+    A store may create the run and die before its answer arrives: when the journal is sent (`again`), the run is
+    first looked for by its `run_key` tag, so that it is not created twice.
+    """
+    client = _client(record.uri)
+    experiment = experiment_id(client, record.experiment)
+    key = record.tags.get(RUN_KEY)
+    found = again and key and client.search_runs([experiment], f"tags.{RUN_KEY} = '{key}'", max_results=1)
+    if found:
+        record.run_id = found[0].info.run_id
+    else:
+        tags = dict(record.tags)
+        record.run_id = client.create_run(experiment, record.start_ms, tags, record.stage).info.run_id
+    created(record.run_id)
+    _log_params(record)
+
+
+def _log_params(record: RunRecord) -> None:
+    """The run's params (logging them again with the same values changes nothing)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(record.params.items())]
+    for start in range(0, len(items), _PARAMS_PER_CALL):
+        _client(record.uri).log_batch(record.run_id, params=items[start : start + _PARAMS_PER_CALL])
+
+
+def _log_metrics(uri: str, run_id: str, batches: list[tuple[Mapping[str, float], int | None, int]]) -> int:
+    from mlflow.entities import Metric
+
+    metrics = [
+        Metric(key, value, timestamp, step or 0)
+        for numeric, step, timestamp in batches
+        for key, value in numeric.items()
+    ]
+    for start in range(0, len(metrics), _METRICS_PER_CALL):
+        _client(uri).log_batch(run_id, metrics=metrics[start : start + _METRICS_PER_CALL])
+    return len(metrics)
+
+
+def _terminate(uri: str, run_id: str, status: str, end_ms: int) -> None:
+    _client(uri).set_terminated(run_id, status=status, end_time=end_ms)
+
+
+# --- sending the outbox ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyncReport:
+    """What a send of the outbox did: a line per run sent, per journal the store refused (removed), and why each
+    journal left in the outbox stays."""
+
+    sent: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
+
+
+def send_outbox(uri: str | None = None, budget_s: float | None = None) -> SyncReport:
+    """Send the outbox's journals to their stores (only those for `uri` if given), oldest first, within `budget_s`.
+
+    A journal in use (its stage still runs) is skipped; one whose store fails stays for the next send. Never raises.
+    """
+    report = SyncReport()
+    deadline = time.monotonic() + budget_s if budget_s is not None else None
+    folder = paths.tracking_outbox()
+    journals = sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    for journal in journals:
+        if deadline is not None and time.monotonic() > deadline:
+            report.left.append(f"{journal.name}: not sent yet (out of time)")
+            continue
+        try:
+            line = _send_journal(journal, uri)
+        except Exception as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if _rejected(error):  # sending it again would be refused again
+                journal.unlink(missing_ok=True)
+                report.dropped.append(f"{journal.name}: refused by the store ({first})")
+            else:  # the store failed again: the journal stays as it was
+                report.left.append(f"{journal.name}: {first}")
+            continue
+        if line is not None:
+            (report.left if line.startswith("!") else report.sent).append(line.removeprefix("!"))
+    return report
+
+
+def _send_journal(journal: Path, uri: str | None) -> str | None:
+    """Send one journal and remove it; a line saying what was sent, `!reason` if it stays, None if not ours."""
+    try:
+        handle = journal.open("a+", encoding="utf-8")
+    except FileNotFoundError:
+        return None  # sent by another process meanwhile
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f"!{journal.name}: its stage is still running"
+        if not journal.exists() or os.stat(journal).st_ino != os.fstat(handle.fileno()).st_ino:
+            return None  # sent and removed while this process waited for it
+        handle.seek(0)
+        entries = []
+        for text in handle.read().splitlines():
+            with contextlib.suppress(ValueError):  # a torn last line: the stage died while writing it
+                entries.append(json.loads(text))
+        if not entries or entries[0].get("kind") != "run":
+            return f"!{journal.name}: not a tracking journal (remove it)"
+        head = {k: v for k, v in entries[0].items() if k != "kind"}
+        record = RunRecord(**head)
+        if uri is not None and record.uri != uri:
+            return None
+        for entry in entries:
+            if entry["kind"] == "created":
+                record.run_id = entry["run_id"]
+        created = record.run_id is None
+        if created:
+
+            def keep(run_id: str) -> None:  # so that a send cut short does not create the run twice
+                handle.write(json.dumps({"kind": "created", "run_id": run_id}) + "\n")
+                handle.flush()
+
+            _create_run(record, keep, again=True)
+        else:
+            _log_params(record)  # the run may have been created before its params could be logged
+        batches = [(e["metrics"], e["step"], e["timestamp"]) for e in entries if e["kind"] == "metrics"]
+        count = _log_metrics(record.uri, record.run_id, batches) if batches else 0
+        artifacts = journal.with_suffix("")
+        sent_artifacts = 0
+        for entry in entries:
+            if entry["kind"] == "artifact" and (artifacts / entry["file"]).is_file():
+                with tempfile.TemporaryDirectory(prefix="mlflow-artifact-") as scratch:
+                    copy = Path(scratch) / entry["name"]
+                    copy.write_bytes((artifacts / entry["file"]).read_bytes())
+                    _client(record.uri).log_artifact(record.run_id, str(copy), entry["artifact_path"])
+                sent_artifacts += 1
+        ends = [e for e in entries if e["kind"] == "end"]
+        # No end: the stage and its helper were killed; the run ends FAILED at its last sign of life.
+        status, end_ms = (ends[-1]["status"], ends[-1]["end_ms"]) if ends else ("FAILED", _last_time(entries))
+        _terminate(record.uri, record.run_id, status, end_ms)
+        journal.unlink()
+        with contextlib.suppress(OSError):
+            for path in artifacts.glob("*"):
+                path.unlink()
+            artifacts.rmdir()
+    what = [f"{count} metric value(s)" if count else "", f"{sent_artifacts} artifact(s)" if sent_artifacts else ""]
+    done = ", ".join(filter(None, ["run created" if created else "", *what, status]))
+    return f"{record.stage} (run {record.run_id}, {record.uri}): {done}"
+
+
+def _last_time(entries: list[Mapping[str, Any]]) -> int:
+    times = [e.get("timestamp") or e.get("start_ms") or 0 for e in entries]
+    return max(times) if times else _now_ms()
+
+
+# --- the helper process ----------------------------------------------------------------------------------------------
 
 
 class _TrackingProcess:
@@ -191,32 +602,19 @@ class _TrackingProcess:
 
     Importing mlflow and opening the sqlite store cost 3-4 s of CPU in every stage (92 stages in the tiny run): the
     helper spends them on the second core while the stage imports its own libraries and works. The stage waits for
-    it at the end, or earlier only when a Trainer must join the run. If the stage is killed, the helper sees its end
-    of the pipe close and marks the run FAILED.
+    it only at the end. If the stage is killed, the helper sees its end of the pipe close and marks the run FAILED.
+    The helper also sends the outbox of earlier runs to the same store, for at most REPLAY_BUDGET_S.
     """
 
-    def __init__(self, stage: str, experiment: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> None:
+    def __init__(self, record: RunRecord) -> None:
         context = multiprocessing.get_context("spawn")  # no fork: the stage may hold torch's threads
         self._connection, child = context.Pipe()
         self._process = context.Process(
-            target=_serve_run,
-            args=(child, tracking_uri(), experiment, stage, dict(tags), dict(params)),
-            name=f"mlflow {stage}",
-            daemon=True,
+            target=_serve_run, args=(child, record), name=f"mlflow {record.stage}", daemon=True
         )
         self._process.start()
         child.close()
-        self._run_id: Any = _PENDING
-        self.stage, self.experiment = stage, experiment
-
-    @property
-    def run_id(self) -> str | None:
-        if self._run_id is _PENDING:
-            try:
-                self._run_id = self._connection.recv()
-            except (EOFError, OSError):
-                self._run_id = None
-        return self._run_id
+        self.stage = record.stage
 
     def send(self, *message: Any) -> None:
         try:
@@ -233,15 +631,14 @@ class _TrackingProcess:
         self._connection.close()
 
 
-# How long a finished stage waits for its helper to log what is left and close the run.
-CLOSE_TIMEOUT_S = 120
-
-
-def _serve_run(connection, uri: str, experiment: str, stage: str, tags: dict, params: dict) -> None:
-    """The helper process: open the run, send its id (or None), then log each message until the stage ends."""
+def _serve_run(connection, record: RunRecord) -> None:
+    """The helper process: open the run (or its journal), then log each message until the stage ends."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_id = _start_mlflow_run(uri, experiment, stage, tags, params)
-    connection.send(run_id)
+    delivery = _Delivery(record, _server_reachable(record.uri))
+    replay = None
+    if not delivery.down:  # the store answers: send what earlier runs could not
+        replay = threading.Thread(target=_send_earlier, args=(record.uri,), name="mlflow outbox", daemon=True)
+        replay.start()
     status = "FAILED"  # unless the stage says otherwise before its end of the pipe closes
     with tempfile.TemporaryDirectory(prefix="mlflow-artifacts-") as scratch:
         while True:
@@ -252,65 +649,37 @@ def _serve_run(connection, uri: str, experiment: str, stage: str, tags: dict, pa
             if kind == "end":
                 status = arguments[0]
                 break
-            if run_id is None:
-                continue
             if kind == "metrics":
-                numeric, step = arguments
-                _log_metrics(run_id, numeric, step, stage)
+                delivery.metrics(*arguments)
             elif kind == "artifact":
-                name, data, artifact_path = arguments
-                copy = Path(tempfile.mkdtemp(dir=scratch)) / name  # a folder each: names may repeat
-                copy.write_bytes(data)
-                _log_artifact(run_id, copy, artifact_path, stage)
-    if run_id is not None:
-        _end_mlflow_run(run_id, status)
+                delivery.artifact(*arguments, Path(scratch))
+        delivery.end(status)
+    if replay is not None:  # a send cut short is taken up again by the next one (see `send_outbox`)
+        replay.join(timeout=5)
 
 
-def _log_metrics(run_id: str, numeric: Mapping[str, float], step: int | None, stage: str) -> None:
-    if not numeric:
-        return
-    try:
-        import mlflow
-
-        mlflow.log_metrics(dict(numeric), step=step, run_id=run_id)
-    except Exception as error:  # tracking must never fail a stage
-        log.warning("MLflow: could not log metrics for %s: %s", stage, error)
+def _send_earlier(uri: str) -> None:
+    report = send_outbox(uri, budget_s=REPLAY_BUDGET_S)
+    for line in report.sent:
+        log.info("MLflow: sent from the outbox: %s", line)
 
 
-def _log_artifact(run_id: str, path: Path, artifact_path: str | None, stage: str) -> None:
-    try:
-        import mlflow
+class _OutboxSink:
+    """A stage's run while the store cannot be reached at its start: every message goes straight to the outbox (no
+    helper process, no mlflow import), for the next stage or `budget-align sync-tracking` to send."""
 
-        mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
-    except Exception as error:  # tracking must never fail a stage
-        log.warning("MLflow: could not log artifact %s for %s: %s", path.name, stage, error)
+    def __init__(self, record: RunRecord) -> None:
+        self.stage = record.stage
+        self.delivery = _Delivery(record, reachable=False)
 
+    def send(self, kind: str, *arguments: Any) -> None:
+        if kind == "metrics":
+            self.delivery.metrics(*arguments)
+        elif kind == "artifact":
+            self.delivery.outbox.keep_artifact(*arguments)
 
-def _start_mlflow_run(
-    uri: str, experiment: str, stage: str, tags: Mapping[str, str], params: Mapping[str, Any]
-) -> str | None:
-    try:
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
-        client = mlflow.MlflowClient()
-        run = client.create_run(experiment_id(experiment), run_name=stage, tags=dict(tags))
-        items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-        for start in range(0, len(items), 100):  # the REST API takes at most 100 params a call
-            client.log_batch(run.info.run_id, params=items[start : start + 100])
-        return run.info.run_id
-    except Exception as error:  # tracking must never fail a stage
-        log.warning("MLflow: could not start a run for %s at %s: %s", stage, uri, error)
-        return None
-
-
-def _end_mlflow_run(run_id: str, status: str) -> None:
-    try:
-        import mlflow
-
-        mlflow.MlflowClient().set_terminated(run_id, status=status)
-    except Exception as error:
-        log.warning("MLflow: could not close run %s: %s", run_id, error)
+    def close(self, status: str) -> None:
+        self.delivery.end(status)
 
 
 def stage_name(default: str) -> str:
@@ -333,23 +702,24 @@ def stage_run(stage: str, params: Any, sections: list[str]) -> Iterator[StageRun
         for part in section.split("."):
             value = value[part]
         logged.update(flatten({section: value}) if isinstance(value, Mapping) else {section: value})
-    tracker = None
+    sink = None
     if params.tracking.enabled:
-        uri = tracking_uri()
-        if _server_reachable(uri):
-            tags = {
-                "stage": stage,
-                "profile": params.profile,
-                "git_commit": git_commit() or "unknown",
-                "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-            }
+        tags = {
+            "stage": stage,
+            "profile": params.profile,
+            "git_commit": git_commit() or "unknown",
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            RUN_KEY: uuid.uuid4().hex,
+        }
+        record = RunRecord(tracking_uri(), params.tracking.experiment, stage, tags, logged, _now_ms())
+        if _server_reachable(record.uri):
             try:
-                tracker = _TrackingProcess(stage, params.tracking.experiment, tags, logged)
+                sink = _TrackingProcess(record)
             except OSError as error:  # tracking must never fail a stage
                 log.warning("MLflow: could not start the tracking process for %s: %s", stage, error)
-        else:
-            log.warning("MLflow tracking server %s is not reachable; %s runs without tracking", uri, stage)
-    run = StageRun(stage, tracker=tracker)
+        if sink is None:
+            sink = _OutboxSink(record)
+    run = StageRun(stage, sink)
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     status = "FAILED"
     try:
@@ -364,7 +734,10 @@ def stage_run(stage: str, params: Any, sections: list[str]) -> Iterator[StageRun
             **run.budget,
         }
         if status == "FINISHED":
-            write_json(paths.budget_file(stage), {"stage": stage, **budget})
+            try:
+                write_json(paths.budget_file(stage), {"stage": stage, **budget})
+            except OutputError as error:  # a run fact, read by no stage: the finished work must not be lost for it
+                log.warning("the budget of %s was not written: %s", stage, error)
         run.log_metrics({f"budget.{k}": v for k, v in budget.items()})
-        if tracker is not None:
-            tracker.close(status)
+        if sink is not None:
+            sink.close(status)

@@ -33,8 +33,7 @@ def ui_command(params: Params, host: str, port: int) -> tuple[list[str] | None, 
     import mlflow
 
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    experiment = experiment_id(params.tracking.experiment)
+    experiment = experiment_id(mlflow.MlflowClient(uri), params.tracking.experiment)
     if uri.startswith(("http://", "https://")):
         return None, runs_page(uri, experiment)
     # One worker: one user's browser (the default, four, costs seconds and a GB more to start).

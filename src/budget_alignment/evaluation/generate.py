@@ -29,7 +29,7 @@ from budget_alignment import loading, paths, prompts
 from budget_alignment.errors import StageError
 from budget_alignment.evaluation.problems import read_problems
 from budget_alignment.fingerprints import tree_digest
-from budget_alignment.io import atomic_directory, atomic_write, write_json
+from budget_alignment.io import atomic_directory, atomic_write, write_json, writing
 from budget_alignment.params import Params
 from budget_alignment.prompts import prompt_token_ids
 from budget_alignment.records import Completion, Problem, read_records
@@ -277,11 +277,12 @@ def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
 
 
 def finished_problems(work_file: Path, n: int) -> dict[str, list[Completion]]:
-    """Problems with all n completions in a work file; a torn last line (a kill mid-write) is dropped."""
+    """Problems with all n completions in a work file; a torn last line (a kill or a full disk mid-write, which may
+    cut a character in two) is dropped."""
     done: dict[str, list[Completion]] = {}
     if not work_file.exists():
         return done
-    for line in work_file.read_text(encoding="utf-8").splitlines():
+    for line in work_file.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             completion = Completion.model_validate_json(line)
         except ValueError:
@@ -419,7 +420,9 @@ def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: 
         for job, results in sample_jobs(params, model_dir, jobs):
             batch = batch_of[job.index]
             for dataset in dict.fromkeys(dataset for dataset, _ in batch):
-                with (work / f"{dataset}.jsonl").open("a", encoding="utf-8") as handle:
+                work_file = work / f"{dataset}.jsonl"
+                # A full disk stops the stage here; the problems already appended are reused by the rerun.
+                with writing(work_file), work_file.open("a", encoding="utf-8") as handle:
                     for (source, problem), samples in zip(batch, results, strict=True):
                         if source != dataset or problem.id in done[dataset]:
                             continue

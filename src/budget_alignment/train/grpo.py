@@ -113,7 +113,6 @@ def grpo_config(
     compute: ComputeParams,
     seed: int,
     output_dir: Path,
-    report_to: str | list[str],
     lang: str | None = None,
 ) -> GRPOConfig:
     """`grpo.*` as TRL's GRPOConfig, one field per param; the reward weights of `lang`, in the order of the rewards."""
@@ -131,7 +130,6 @@ def grpo_config(
             save_steps=grpo.save_steps,
             logging_steps=grpo.logging_steps,
             gradient_checkpointing=grpo.gradient_checkpointing,
-            report_to=report_to,
         ),
         learning_rate=grpo.learning_rate,
         epsilon=grpo.clip_low,
@@ -242,6 +240,7 @@ def make_grpo_trainer(
     config: GRPOConfig,
     reward_functions: Sequence[rewards.RewardFunction],
     peft_config: LoraConfig | None,
+    run: StageRun | None = None,
 ) -> GRPOTrainer:
     from transformers import set_seed
     from trl import GRPOTrainer
@@ -254,6 +253,7 @@ def make_grpo_trainer(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=setup.tracking_callbacks(run),
     )
 
 
@@ -312,12 +312,11 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
         compute=params.compute,
         seed=params.seed,
         output_dir=checkpoint_dir,
-        report_to=setup.report_to(run),
         lang=lang,
     )
     names = settings.reward_names()
     trainer = make_grpo_trainer(
-        policy.model, tokenizer, dataset, config, rewards.build_rewards(names, params.scoring), policy.peft_config
+        policy.model, tokenizer, dataset, config, rewards.build_rewards(names, params.scoring), policy.peft_config, run
     )
     if reference is not None:
         log.info("%s: KL (beta %s) toward %s: %s", stage, settings.beta, reference,

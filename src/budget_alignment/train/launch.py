@@ -1,10 +1,10 @@
 """Running a training stage in one process or several (`accelerate launch`), tracked in one MLflow run.
 
 With more than one process (`compute.num_processes`, `auto`: one per visible GPU) a stage command re-launches itself
-under `accelerate launch`; the launching process owns the MLflow run (the ranks log into it through `MLFLOW_RUN_ID`),
-rank 0 writes the outputs. The recipe's global batches are checked against the process count before anything starts.
-The launch config: data parallel for LoRA and on the CPU, FSDP or ZeRO-3 (`compute.sharding`) for a full fine-tune
-on GPUs, unless `compute.accelerate_config` names one.
+under `accelerate launch`; the launching process owns the MLflow run (rank 0's metrics reach it through a relay file,
+`tracking.StageRun.relay`), rank 0 writes the outputs. The recipe's global batches are checked against the process
+count before anything starts. The launch config: data parallel for LoRA and on the CPU, FSDP or ZeRO-3
+(`compute.sharding`) for a full fine-tune on GPUs, unless `compute.accelerate_config` names one.
 """
 
 from __future__ import annotations
@@ -88,9 +88,8 @@ def run_stage(
     against the process count before anything starts; `full_finetune` picks a sharded launch config on GPUs.
     """
     if in_distributed_launch():
-        # A rank of a re-launched stage: the launching process owns the run; the ranks' Trainers log into it.
-        run_id = os.environ.get("MLFLOW_RUN_ID")
-        train(tracking.StageRun(tracking.stage_name(stage), run_id) if run_id else None)
+        # A rank of a re-launched stage: the launching process owns the run; rank 0 logs into it through the relay.
+        train(tracking.rank_run(stage))
         return
     processes = process_count(params.compute)
     errors = split_errors(params, processes, [batch_key])
@@ -98,10 +97,10 @@ def run_stage(
         raise TrainingError("; ".join(errors))
     with tracking.stage_run(stage, params, sections) as run:
         if processes > 1:
-            run.share_with_trainers()  # the ranks' Trainers join this run
             command = relaunch_command(params.compute, argv, full_finetune=full_finetune)
             log.info("launching %d processes: %s", processes, " ".join(command))
-            result = subprocess.run(command, check=False)
+            with run.relay() as relay:
+                result = subprocess.run(command, env={**os.environ, **relay}, check=False)
             if result.returncode != 0:
                 raise TrainingError(f"{stage}: `accelerate launch` exited with status {result.returncode}")
             metrics = json.loads(paths.training_metrics_file(stage).read_text(encoding="utf-8"))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from budget_alignment import loading, paths
-from budget_alignment.io import atomic_directory, write_json
+from budget_alignment.io import atomic_directory, write_json, writing
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Trainer
@@ -38,19 +38,23 @@ def publish_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Pat
     if main:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    trainer.accelerator.wait_for_everyone()
-    if not main:
-        return
-    tokenizer.save_pretrained(staging)
-    for name in UNPUBLISHED_FILES:
-        (staging / name).unlink(missing_ok=True)
-    if loading.is_adapter(staging):
-        loading.record_adapter_parent(staging, parent)
-    with atomic_directory(out) as building:
-        for entry in staging.iterdir():
-            entry.replace(building / entry.name)
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with writing(out):
+            trainer.save_model(str(staging))
+            trainer.accelerator.wait_for_everyone()
+            if not main:
+                return
+            tokenizer.save_pretrained(staging)
+            for name in UNPUBLISHED_FILES:
+                (staging / name).unlink(missing_ok=True)
+            if loading.is_adapter(staging):
+                loading.record_adapter_parent(staging, parent)
+            with atomic_directory(out) as building:
+                for entry in staging.iterdir():
+                    entry.replace(building / entry.name)
+    finally:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)  # a half-written model is no use to anyone
     log.info("model written to %s", out)
 
 

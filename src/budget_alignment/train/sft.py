@@ -77,7 +77,6 @@ def sft_config(
     compute: ComputeParams,
     seed: int,
     output_dir: Path,
-    report_to: str | list[str],
     batch_key: str = BATCH_KEY,
 ) -> SFTConfig:
     """The SFT hyper-parameters as TRL's SFTConfig; the global batch is split over this run's processes."""
@@ -93,7 +92,6 @@ def sft_config(
             save_steps=training.save_steps,
             logging_steps=training.logging_steps,
             gradient_checkpointing=training.gradient_checkpointing,
-            report_to=report_to,
         ),
         learning_rate=training.learning_rate,
         num_train_epochs=training.num_train_epochs,
@@ -115,6 +113,7 @@ def make_sft_trainer(
     examples: Sequence[Mapping[str, str]],
     config: SFTConfig,
     training: TrainingParams,
+    run: StageRun | None = None,
     continue_adapter: bool = False,
 ) -> SFTTrainer:
     """`continue_adapter`: the model carries a trainable adapter, trained further (no new LoRA)."""
@@ -130,6 +129,7 @@ def make_sft_trainer(
         train_dataset=Dataset.from_list(list(examples)),
         processing_class=tokenizer,
         peft_config=setup.lora_config(training.lora) if new_lora else None,
+        callbacks=setup.tracking_callbacks(run),
     )
 
 
@@ -169,10 +169,9 @@ def fine_tune(
         compute=compute,
         seed=seed,
         output_dir=checkpoint_dir,
-        report_to=setup.report_to(run),
         batch_key=batch_key,
     )
-    trainer = make_sft_trainer(model, tokenizer, examples, config, training, continue_adapter)
+    trainer = make_sft_trainer(model, tokenizer, examples, config, training, run, continue_adapter=continue_adapter)
     resumed_from = checkpoints.train_resumably(trainer, checkpoint_dir)
     if run is not None and resumed_from is not None:
         run.add_budget(resumed_from_step=resumed_from)  # a fact of this run, not of its inputs

@@ -3,6 +3,8 @@
 - **Devices.** Without a GPU the trainers get `use_cpu=True, bf16=False` (TRL turns bf16 on by default and then
   refuses, or runs much slower, on the CPU) and gradient checkpointing off (much slower on the CPU, for memory the
   CPU does not lack). On a GPU, bf16 mixed precision where the GPU supports it, and checkpointing as the params say.
+- **Tracking.** The trainers report to `TrackingCallback`, which logs through the stage's run (tracking.py: a store
+  that is down loses nothing), not to transformers' MLflow callback, which talks to the server itself.
 - Checkpoints and resuming are `checkpoints.py`'s; the written model and metrics `outputs.py`'s; one process or
   several `launch.py`'s.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +95,6 @@ def common_arguments(
     save_steps: int,
     logging_steps: int,
     gradient_checkpointing: bool,
-    report_to: str | list[str],
 ) -> dict[str, Any]:
     """TrainingArguments every training stage sets the same way (its own hyper-parameters come on top)."""
     return {
@@ -105,15 +107,29 @@ def common_arguments(
         # Two, so that the previous complete checkpoint survives a crash while the next one is being written.
         "save_total_limit": 2,
         "logging_steps": logging_steps,
-        "report_to": report_to,
+        "report_to": "none",  # the stage's run takes the logs (`tracking_callbacks`)
         "disable_tqdm": not sys.stderr.isatty(),
         **device_arguments(compute, gradient_checkpointing),
     }
 
 
-def report_to(run: tracking.StageRun | None) -> list[str] | str:
-    """`mlflow` when the stage has an MLflow run (the Trainer's callback joins it through `MLFLOW_RUN_ID`)."""
-    return ["mlflow"] if run is not None and run.share_with_trainers() else "none"
+def tracking_callbacks(run: tracking.StageRun | None) -> list[Any]:
+    """The Trainer callback that logs the training curves (loss, rewards, ...) into the stage's run, if it has one."""
+    if run is None or not run.active:
+        return []
+    from transformers import TrainerCallback
+
+    class TrackingCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                run.log_metrics({_metric_name(k): v for k, v in logs.items()}, step=state.global_step)
+
+    return [TrackingCallback()]
+
+
+def _metric_name(key: str) -> str:
+    """A Trainer's log key as MLflow takes it (the characters transformers' MLflow callback replaced, replaced)."""
+    return re.sub(r"[^0-9A-Za-z_\-\.\ :/]", "_", key)
 
 
 def lora_config(lora: LoraParams) -> LoraConfig:
