@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from budget_alignment import tracking
+from budget_alignment import tracking, tracking_store
 from budget_alignment.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,14 +86,14 @@ def test_the_experiment_is_machine_learning_a_kind_chosen_in_the_ui_is_kept_and_
         pass
     mlflow.set_tracking_uri(f"sqlite:///{dvc_root / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
-    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert experiment.tags[tracking_store.EXPERIMENT_KIND_TAG] == "custom_model_development"
     mlflow.MlflowClient().set_experiment_tag(
-        experiment.experiment_id, tracking.EXPERIMENT_KIND_TAG, "genai_development"
+        experiment.experiment_id, tracking_store.EXPERIMENT_KIND_TAG, "genai_development"
     )
     with tracking.stage_run("report", params, ["report"]):
         pass
     experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
-    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+    assert experiment.tags[tracking_store.EXPERIMENT_KIND_TAG] == "genai_development"
     page = tracking.runs_page("http://127.0.0.1:5000/", experiment.experiment_id)
     assert page == f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
 
@@ -164,7 +164,7 @@ def test_a_store_that_fails_mid_run_loses_nothing_and_the_next_send_delivers_it(
     assert kinds == ["run", "created", "artifact", "metrics", "metrics", "end"]  # loss@2, then the budget
 
     blocked.unlink()
-    report_of_send = tracking.send_outbox()
+    report_of_send = tracking_store.send_outbox()
     assert not report_of_send.left and len(report_of_send.sent) == 1, report_of_send
     assert not list((dvc_root / ".cache/tracking/outbox").iterdir())
     found = client.get_run(found.info.run_id)
@@ -175,7 +175,7 @@ def test_a_store_that_fails_mid_run_loses_nothing_and_the_next_send_delivers_it(
     assert "budget.wall_seconds" in found.data.metrics
     (artifact,) = client.list_artifacts(found.info.run_id, "quality")
     assert artifact.path == "quality/report.json"
-    assert tracking.send_outbox().sent == []  # sent once
+    assert tracking_store.send_outbox().sent == []  # sent once
 
 
 def test_tracking_can_be_switched_off(dvc_root, params):

@@ -1,6 +1,6 @@
 """An MLflow server that dies mid-stage, or answers errors, through real `budget-align` processes and a real
 `mlflow server`: the stage finishes with complete DVC metrics, what it could not log waits in the outbox, and the next
-stage's start or `budget-align sync-tracking` delivers it, with nothing lost (tracking.py)."""
+stage's start or `budget-align sync-tracking` delivers it, with nothing lost (tracking.py, tracking_store.py)."""
 
 from __future__ import annotations
 

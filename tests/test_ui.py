@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from budget_alignment import tracking, ui
+from budget_alignment import tracking, tracking_store, ui
 from budget_alignment.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_ui_serves_the_repository_store_and_points_at_the_runs_table(project):
     mlflow.set_tracking_uri(store)
     experiment = mlflow.get_experiment_by_name(params.tracking.experiment)  # created before any stage ran
     assert url == f"http://127.0.0.1:5123/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
-    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+    assert experiment.tags[tracking_store.EXPERIMENT_KIND_TAG] == tracking_store.EXPERIMENT_KIND
 
 
 @pytest.fixture

@@ -538,9 +538,9 @@ def plan(
 def sync_tracking() -> None:
     """Send MLflow what stages could not log while the tracking store was down or failing (their runs, params, metrics,
     artifacts and final states, kept in .cache/tracking/outbox/). Fails (status 1) unless the outbox is then empty."""
-    from budget_alignment import paths, tracking
+    from budget_alignment import paths, tracking_store
 
-    report = tracking.send_outbox()
+    report = tracking_store.send_outbox()
     for line in report.sent:
         typer.echo(f"sent {line}")
     for line in report.dropped:

@@ -16,7 +16,8 @@ import urllib.request
 from pathlib import Path
 
 from budget_alignment.params import Params
-from budget_alignment.tracking import experiment_id, runs_page, tracking_uri
+from budget_alignment.tracking import runs_page, tracking_uri
+from budget_alignment.tracking_store import experiment_id
 
 
 def mlflow_executable() -> str:
