@@ -10,6 +10,7 @@ import pytest
 from budget_alignment import budget, paths, report
 from budget_alignment.io import write_json
 from budget_alignment.params import load_params
+from budget_alignment.plan import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 REGIMES = ["base", "sft", "grpo_base", "grpo_sft", "merge"]
@@ -182,3 +183,14 @@ def test_a_score_file_without_a_pass_at_k_of_the_params_is_a_clear_error(project
     write_json(path, scores)
     with pytest.raises(report.ReportError, match=rf"sft-fr.json: aime25 has no pass@{k} \(too few samples"):
         report.load_scores(project)
+
+
+def test_the_budget_tool_puts_the_plan_beside_what_was_measured(project):
+    params = load_params(REPO / "params.yaml")
+    planned = {cost.stage: cost for cost in make_plan(params, Path.cwd()).stages}
+    written = budget.write_budget_report(params).read_text()
+    sft = planned["sft@ja"]
+    # reports/budget/sft@ja.json of the fixture: 10 s, 1,000 tokens trained.
+    assert f"| sft@ja | {sft.seconds:.0f} | 10 | {sft.train_tokens:,} | 1,000 | 0 | 0 |" in written
+    assert "## Planned against measured" in written and "of the plan)" in written
+    assert "merge |" not in written.split("## Planned against measured")[1]  # no budget file: it did not run

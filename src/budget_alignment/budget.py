@@ -3,7 +3,8 @@
 Each stage writes its run facts (wall and CPU seconds, peak memory, bytes written, tokens trained and generated) to
 `reports/budget/<stage>.json` and MLflow. They are facts of one run, not functions of the stage's inputs, so no stage
 depends on them and they are not DVC outputs: this tool reads whatever the last runs left and writes
-`reports/budget.md` (git-ignored).
+`reports/budget.md` (git-ignored). With a `plan` section in the params, the figures `budget-align plan` predicted for
+each stage stand next to the measured ones, so the plan's throughput can be checked against this machine.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from budget_alignment import paths
 from budget_alignment.io import atomic_write
+from budget_alignment.params import Params
+from budget_alignment.plan import StageCost, make_plan
 from budget_alignment.report import REGIME_LABELS, markdown_table
 
 
@@ -77,13 +80,39 @@ def budget_section(budgets: Mapping[str, Mapping[str, float]]) -> str:
     return f"Per regime (its training, generation and scoring stages):\n\n{per_regime}\n\nPer stage:\n\n{per_stage}"
 
 
+def plan_section(budgets: Mapping[str, Mapping[str, float]], planned: list[StageCost]) -> str:
+    """Planned against measured, for the stages that ran: wall seconds and tokens (generated: the plan's ceiling)."""
+    rows, planned_s, measured_s = [], 0.0, 0.0
+    for cost in planned:
+        figures = budgets.get(cost.stage)
+        if figures is None:
+            continue
+        wall = figures.get("wall_seconds", 0.0)
+        planned_s, measured_s = planned_s + cost.seconds, measured_s + wall
+        rows.append([
+            cost.stage, f"{cost.seconds:.0f}", f"{wall:.0f}",
+            f"{cost.train_tokens:,}", f"{int(figures.get('tokens_trained', 0)):,}",
+            f"{cost.generated_tokens:,}", f"{int(figures.get('tokens_generated', 0)):,}",
+        ])  # fmt: skip
+    if not rows:
+        return "No stage of the plan has run yet."
+    header = ["stage", "planned s", "measured s", "planned tokens trained", "trained", "planned generated (at most)",
+              "generated"]  # fmt: skip
+    total = f"Planned {planned_s:.0f} s for these stages, measured {measured_s:.0f} s"
+    ratio = f" ({measured_s / planned_s:.0%} of the plan)." if planned_s else "."
+    return f"{total}{ratio}\n\n{markdown_table(header, rows)}"
+
+
 def budget_file() -> Path:
     return paths.reports_dir() / "budget.md"
 
 
-def write_budget_report() -> Path:
-    """reports/budget.md from the budget files on disk."""
+def write_budget_report(params: Params | None = None) -> Path:
+    """reports/budget.md from the budget files on disk, and the plan of `params` beside them when it has one."""
     budgets = load_budgets()
+    text = "# What the run cost\n\n" + budget_section(budgets) + "\n"
+    if params is not None and params.plan is not None:
+        text += "\n## Planned against measured\n\n" + plan_section(budgets, make_plan(params).stages) + "\n"
     with atomic_write(budget_file()) as handle:
-        handle.write("# What the run cost\n\n" + budget_section(budgets) + "\n")
+        handle.write(text)
     return budget_file()

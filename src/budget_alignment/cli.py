@@ -454,10 +454,12 @@ def score_files(
 
 @app.command("budget")
 def budget() -> None:
-    """What the last runs cost, per stage and per regime, into reports/budget.md (from reports/budget/*.json)."""
+    """What the last runs cost, per stage and per regime, beside what `budget-align plan` predicted, into
+    reports/budget.md (from reports/budget/*.json and params.yaml)."""
     from budget_alignment.budget import write_budget_report
+    from budget_alignment.params import load_params
 
-    typer.echo(f"wrote {write_budget_report()}")
+    typer.echo(f"wrote {write_budget_report(load_params())}")
 
 
 @app.command("compare")
