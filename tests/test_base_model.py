@@ -126,7 +126,9 @@ def test_an_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch, caplog):
             models.fetch_hub_model(source, tmp_path / "out")
     finally:
         hub.close()
-    assert calls and b"/api/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-7B" in calls[0]
+    # huggingface_hub >= 1.33 may first ask the hub for its agent registry (best effort); the model's own request
+    # must have been made.
+    assert any(b"/api/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-7B" in call for call in calls), calls
     assert "not reproducible" in caplog.text and not (tmp_path / "out").exists()
 
 
