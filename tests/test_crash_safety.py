@@ -1,9 +1,10 @@
 """Crash safety across stages: kill -9 and rerun redoes nothing finished; writes are atomic; a full disk or an
 unwritable path is one clear line.
 
-Each stage runs as the user runs it, `budget-align ...` in its own process, killed with SIGKILL. The other crash
-tests live beside their stages: translation (tests/test_translate.py, cache hits counted) and SFT
-(tests/test_sft.py, resumed from its last checkpoint).
+Each stage runs as the user runs it: `budget-align ...` in its own process killed with SIGKILL, or `dvc repro` of
+the pipeline's own dvc.yaml with its whole process group killed (DVC, the stage, the processes the stage launched,
+its tracking helper) for generate, GRPO (and a changed param) and a two-process SFT. The other crash tests live beside
+their stages: translation (tests/test_translate.py, cache hits counted) and one-process SFT (tests/test_sft.py).
 """
 
 from __future__ import annotations
@@ -199,22 +200,23 @@ def generated(root: Path) -> list[Completion]:
 
 
 @pytest.mark.slow
-def test_a_killed_generate_stage_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
-    reference, crashed = generation_project(tmp_path / "reference"), generation_project(tmp_path / "crashed")
+def test_dvc_repro_killed_mid_generate_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    reference = generation_project(tmp_path / "reference")
+    crashed = as_dvc_repository(generation_project(tmp_path / "crashed"))
     run_stage(budget_align("generate", "base", "fr"), reference)
     work_file = crashed / ".cache/generations/base-fr/college_math.jsonl"
 
     def some_batches_done() -> bool:
         return work_file.exists() and len(work_file.read_text().splitlines()) >= 3 * 2 * 4
 
-    kill_when(budget_align("generate", "base", "fr"), crashed, some_batches_done)
+    repro_killed(crashed, "generate@base-fr", some_batches_done)
     assert not (crashed / paths.generations_dir("base", "fr")).exists()
     finished = len(generate.finished_problems(work_file, 4))
     assert 0 < finished < 40
 
-    run_stage(budget_align("generate", "base", "fr"), crashed)
+    repro_to_the_end(crashed, "generate@base-fr")
     budget = json.loads((crashed / paths.budget_file("generate@base-fr")).read_text())
-    assert budget["reused_completions"] == finished * 4  # nothing finished was generated again
+    assert budget["reused_completions"] >= finished * 4  # nothing finished was generated again
     assert generated(crashed) == generated(reference)
     # The output is a function of its inputs: the resumed run's folder is byte for byte the uninterrupted run's.
     for name in (generate.META_FILE, "college_math.jsonl"):
@@ -267,34 +269,14 @@ def test_a_killed_grpo_stage_resumes_from_its_checkpoint_and_ends_as_an_uninterr
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.slow
-def test_a_killed_sft_stage_ends_as_an_uninterrupted_run(tmp_path):
-    def sft_project(root: Path) -> Path:
-        make_project(root, limit=12)
-        write_params(root / "params.yaml", tiny_params(sft=FAST_SFT | {"max_steps": 12, "save_steps": 3}))
-        return root
-
-    reference, crashed = sft_project(tmp_path / "reference"), sft_project(tmp_path / "crashed")
-    command = budget_align("sft", "ja")
-    run_stage(command, reference)
-    root = crashed / ".cache/checkpoints/sft@ja"
-    kill_when(command, crashed, lambda: bool(list(root.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}"))))
-    run_stage(command, crashed)
-    assert json.loads((crashed / paths.budget_file("sft@ja")).read_text())["resumed_from_step"] >= 3
-    expected = load_file(reference / paths.model_dir("sft-ja") / "adapter_model.safetensors")
-    for name, tensor in load_file(crashed / paths.model_dir("sft-ja") / "adapter_model.safetensors").items():
-        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
-
-
 # --- through `dvc repro` -------------------------------------------------------------------------------------------
 
 
-def dvc_project(root: Path, clip_high: float) -> Path:
-    """The GRPO project as a DVC repository with the pipeline's own dvc.yaml and code."""
-    grpo_project(root, steps=8)
+def as_dvc_repository(root: Path) -> Path:
+    """The project made a DVC repository with the pipeline's own dvc.yaml and code (and its accelerate configs)."""
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    set_clip_high(root, clip_high)
+    shutil.copytree(REPO / "conf/accelerate", root / "conf/accelerate")
     for command in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
         subprocess.run(command, cwd=root, check=True, capture_output=True)
     return root
@@ -306,47 +288,57 @@ def set_clip_high(root: Path, value: float) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-REPRO = [str(BIN / "dvc"), "repro", "--single-item", "grpo@base-ja"]
+def repro(stage: str) -> list[str]:
+    return [str(BIN / "dvc"), "repro", "--single-item", stage]
 
 
 def dvc_env(root: Path) -> dict[str, str]:
     return subprocess_env(root) | {"PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(root / "src")}
 
 
-def repro_killed_at_a_checkpoint(root: Path, fresh) -> str:
-    """`dvc repro` killed, its whole process group (DVC, the stage, its tracking helper), once `fresh()` finds a
-    complete checkpoint; what it printed."""
+def repro_killed(root: Path, stage: str, condition) -> str:
+    """`dvc repro` of `stage` killed, its whole process group (DVC, the stage and the processes it launched, its
+    tracking helper), once `condition()` holds; what it printed."""
     log = root / "repro.log"
     with log.open("w") as out:
-        process = subprocess.Popen(REPRO, cwd=root, env=dvc_env(root), stdout=out, stderr=out, start_new_session=True)
+        process = subprocess.Popen(
+            repro(stage), cwd=root, env=dvc_env(root), stdout=out, stderr=out, start_new_session=True
+        )
         try:
-            wait_for(lambda: bool(fresh()), process)
+            wait_for(lambda: bool(condition()), process)
         finally:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     return log.read_text()
 
 
+def repro_to_the_end(root: Path, stage: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(repro(stage), cwd=root, env=dvc_env(root), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def complete_checkpoints(folder: Path, exclude: frozenset[Path] = frozenset()) -> list[Path]:
+    found = folder.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}")
+    return [marker.parent for marker in found if marker.parent.parent not in exclude]
+
+
 @pytest.mark.slow
-def test_dvc_repro_killed_mid_stage_resumes_and_a_changed_param_starts_afresh(tmp_path):
-    root = dvc_project(tmp_path / "project", clip_high=0.28)
+def test_dvc_repro_killed_mid_grpo_resumes_and_a_changed_param_starts_afresh(tmp_path):
+    root = as_dvc_repository(grpo_project(tmp_path / "project", steps=8))
+    set_clip_high(root, 0.28)
     checkpoints = root / ".cache/checkpoints/grpo@base-ja"
 
-    def complete(exclude: set[Path] = frozenset()) -> list[Path]:
-        found = checkpoints.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}")
-        return [marker.parent for marker in found if marker.parent.parent not in exclude]
-
-    repro_killed_at_a_checkpoint(root, complete)
-    first = {checkpoint.parent for checkpoint in complete()}
+    repro_killed(root, "grpo@base-ja", lambda: complete_checkpoints(checkpoints))
+    first = frozenset(checkpoint.parent for checkpoint in complete_checkpoints(checkpoints))
     # Another clip_high: the old checkpoint is not resumed (its fingerprint differs); killed again mid-stage.
     set_clip_high(root, 0.3)
-    log = repro_killed_at_a_checkpoint(root, lambda: complete(exclude=first))
+    log = repro_killed(root, "grpo@base-ja", lambda: complete_checkpoints(checkpoints, exclude=first))
     assert "Running stage 'grpo@base-ja'" in log and "resuming from" not in log
-    (second,) = {checkpoint.parent for checkpoint in complete(exclude=first)}
+    (second,) = {checkpoint.parent for checkpoint in complete_checkpoints(checkpoints, exclude=first)}
     # DVC's lock and the killed helper do not stand in the way; the stage resumes from its own checkpoint (the one the
     # test saw, or a later one a dying process finished writing).
-    result = subprocess.run(REPRO, cwd=root, env=dvc_env(root), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = repro_to_the_end(root, "grpo@base-ja")
     resumed = re.search(rf"resuming from {re.escape(str(second))}/checkpoint-(\d+)", result.stderr)
     assert resumed, result.stderr[-3000:]
     budget = json.loads((root / paths.budget_file("grpo@base-ja")).read_text())
@@ -355,5 +347,36 @@ def test_dvc_repro_killed_mid_stage_resumes_and_a_changed_param_starts_afresh(tm
     # Its checkpoints are gone; the other clip_high's stay (they may belong to a run going on elsewhere).
     assert not second.exists() and first == {checkpoints / name for name in os.listdir(checkpoints)}
     # Nothing finished is redone.
-    again = subprocess.run(REPRO, cwd=root, env=dvc_env(root), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
+    assert "Running stage" not in repro_to_the_end(root, "grpo@base-ja").stdout
+
+
+@pytest.mark.slow
+def test_dvc_repro_killed_mid_two_process_sft_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    """The relaunch under `accelerate launch` (two gloo processes) killed with DVC; each rank resumes its own state."""
+
+    def sft_project(root: Path) -> Path:
+        make_project(root, limit=12)
+        settings = FAST_SFT | {"max_steps": 6, "save_steps": 2, "batch_size": 2, "per_device_batch_size": 1}
+        write_params(root / "params.yaml", tiny_params(compute={"num_processes": 2, "torch_threads": 1}, sft=settings))
+        return as_dvc_repository(root)
+
+    reference, crashed = sft_project(tmp_path / "reference"), sft_project(tmp_path / "crashed")
+    repro_to_the_end(reference, "sft@ja")
+    checkpoints = crashed / ".cache/checkpoints/sft@ja"
+    log = repro_killed(crashed, "sft@ja", lambda: complete_checkpoints(checkpoints))
+    assert "launching 2 processes" in log
+    assert not (crashed / paths.model_dir("sft-ja")).exists()
+
+    result = repro_to_the_end(crashed, "sft@ja")
+    resumed = re.search(r"resuming from \S+/checkpoint-(\d+)", result.stderr + result.stdout)
+    assert resumed, result.stderr[-3000:]
+    budget = json.loads((crashed / paths.budget_file("sft@ja")).read_text())
+    assert budget["resumed_from_step"] == int(resumed[1]) >= 2
+    metrics = json.loads((crashed / paths.training_metrics_file("sft@ja")).read_text())
+    assert metrics["global_step"] == 6
+    assert metrics == json.loads((reference / paths.training_metrics_file("sft@ja")).read_text())
+    # Both ranks' data order and RNG come back from the checkpoint: the weights are the uninterrupted run's.
+    expected = load_file(reference / paths.model_dir("sft-ja") / "adapter_model.safetensors")
+    for name, tensor in load_file(crashed / paths.model_dir("sft-ja") / "adapter_model.safetensors").items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+    assert not checkpoints.exists()

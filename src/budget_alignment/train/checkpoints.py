@@ -80,10 +80,25 @@ def train_resumably(trainer: Trainer, checkpoints: Path) -> int | None:
     last = broadcast(trainer, last)
     if last is not None:
         log.info("resuming from %s (step %d)", last, checkpoint_step(last))
+        restorable_cpu_device(trainer)
     # What fails inside training is a write of checkpoint-N: torch.save, safetensors, the tokenizer files.
     with writing(lambda: checkpoints / f"{CHECKPOINT_PREFIX}{trainer.state.global_step}"):
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     return checkpoint_step(last) if last else None
+
+
+def restorable_cpu_device(trainer: Trainer) -> None:
+    """On several CPU processes, the device `cpu` rather than accelerate's `cpu:0`.
+
+    transformers loads a multi-process checkpoint's optimizer state with `map_location=args.device`, and torch
+    cannot restore a storage to `cpu:0` ("don't know how to restore data location"): a resumed gloo run would stop.
+    Both name the same device, so nothing else changes.
+    """
+    import torch
+
+    device = trainer.args.device
+    if trainer.args.world_size > 1 and device.type == "cpu" and device.index is not None:
+        trainer.args.__dict__["_setup_devices"] = torch.device("cpu")  # the cached property's value
 
 
 def broadcast(trainer: Trainer, value: Any) -> Any:

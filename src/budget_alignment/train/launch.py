@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +25,22 @@ from budget_alignment.train.outputs import budget_figures
 from budget_alignment.train.trainer_setup import TrainingError
 
 log = logging.getLogger(__name__)
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A function that makes the calling process get SIGKILL when its parent dies (Linux; a no-op elsewhere).
+
+    torch's elastic agent starts each rank in a session of its own, so a kill of the stage's process group (`kill -9`,
+    the OOM killer, a job scheduler's cancel of `dvc repro`) would leave the ranks training on, orphaned, writing
+    checkpoints beside the rerun's. Resolved before any fork: the result is safe to call in `preexec_fn`.
+    """
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def in_distributed_launch() -> bool:
@@ -89,6 +106,10 @@ def run_stage(
     """
     if in_distributed_launch():
         # A rank of a re-launched stage: the launching process owns the run; rank 0 logs into it through the relay.
+        parent = os.getppid()
+        die_with_parent()()
+        if os.getppid() != parent:  # the launcher died before the line above
+            os._exit(1)
         train(tracking.rank_run(stage))
         return
     processes = process_count(params.compute)
@@ -100,7 +121,9 @@ def run_stage(
             command = relaunch_command(params.compute, argv, full_finetune=full_finetune)
             log.info("launching %d processes: %s", processes, " ".join(command))
             with run.relay() as relay:
-                result = subprocess.run(command, env={**os.environ, **relay}, check=False)
+                result = subprocess.run(
+                    command, env={**os.environ, **relay}, check=False, preexec_fn=die_with_parent()
+                )
             if result.returncode != 0:
                 raise TrainingError(f"{stage}: `accelerate launch` exited with status {result.returncode}")
             metrics = json.loads(paths.training_metrics_file(stage).read_text(encoding="utf-8"))

@@ -84,7 +84,6 @@ def training_metrics(trainer: Trainer) -> dict[str, Any]:
     """
     state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-    summary = next((entry for entry in reversed(state.log_history) if "train_loss" in entry), {})
     return {
         "global_step": state.global_step,
         # Examples (SFT) or completions (GRPO) per optimizer step over all processes: the recipe's batch.
@@ -94,7 +93,9 @@ def training_metrics(trainer: Trainer) -> dict[str, Any]:
         "epoch": round(state.epoch or 0.0, 4),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "train_loss": summary.get("train_loss"),
+        # The mean of every logged loss: the trainer's own `train_loss` counts only the steps since a resume, so a
+        # resumed run would report another figure than the uninterrupted one.
+        "train_loss": sum(losses) / len(losses) if losses else None,
         "tokens_trained": int(state.num_input_tokens_seen or 0),
     }
 
