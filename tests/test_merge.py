@@ -5,6 +5,9 @@ GRPO ones included, are applied on their recorded parent; GRPO members reach the
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from budget_alignment import loading, merge, paths
 from budget_alignment.params import MergeParams, load_params
 from budget_alignment.stages import STAGES
 from test_stages import needed_files
-from test_train_helpers import save_tiny_model
+from test_train_helpers import save_tiny_adapter, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -254,3 +257,22 @@ def test_the_merge_depends_on_grpo_models_only_when_it_takes_them(tmp_path):
         STAGES["merge_members"].params
     )
     assert (REPO / "data/merge_members/.gitignore").read_text().count("/grpo_sft.json") == 1
+
+
+@pytest.mark.slow
+def test_the_merged_folder_is_a_function_of_its_inputs_whatever_the_hash_seed(project):
+    """mergekit keeps its members in a set: its tokenizer donor and model card followed the process's hash seed."""
+    save_tiny_model(paths.model_dir("sft-ja"), seed=1)
+    save_tiny_adapter(paths.model_dir("sft-es"), paths.base_model_dir())
+    params = load_params(REPO / "params.yaml").model_dump(mode="json")
+    params["tracking"]["enabled"] = False
+    params["merge"]["members"] = ["base", "sft-ja", "sft-fr", "sft-es"]
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    outputs = []
+    for seed in ("1", "2"):  # two member orders in mergekit's set, two temporary folders
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        result = subprocess.run([sys.executable, "-m", "budget_alignment.cli", "merge"], env=env, capture_output=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = paths.model_dir("merge")
+        outputs.append({path.name: path.read_bytes() for path in sorted(out.iterdir())})
+    assert outputs[0] == outputs[1]

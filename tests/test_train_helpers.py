@@ -101,6 +101,19 @@ def save_tiny_model(folder: Path, seed: int = 0, hidden: int = 32, kv_heads: int
     return folder
 
 
+def save_tiny_adapter(folder: Path, parent: Path) -> Path:
+    """A LoRA adapter on the model in `parent` that changes it (random B), recording `parent` as written (a relative
+    `data/models/...` path, as a training stage records it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(parent), config)
+    adapted.peft_config["default"].base_model_name_or_path = str(parent)
+    adapted.save_pretrained(folder)
+    return folder
+
+
 def problems(name: str, lang: str, limit: int | None = None) -> list[Problem]:
     """Bundled items as the data stages would write them (the params name each dataset after its bundled set)."""
     rows = bundled_rows(name, lang)[:limit]
@@ -155,6 +168,7 @@ FAST_GRPO = {
     "max_completion_length": 12,
     "max_prompt_length": 256,
     "max_steps": 1,
+    "num_iterations": 1,  # every step generates: the tests count rollouts per step, whatever the tiny profile reuses
     "save_steps": 1,
     "logging_steps": 1,
     "scale_rewards": "none",

@@ -96,6 +96,21 @@ def merge_configuration(params: Params) -> dict[str, Any]:
     return config
 
 
+# What mergekit's own tokenizer copy takes from its donor model.
+CHAT_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
 def merge_models(params: Params, out: Path, run: StageRun | None = None) -> dict[str, Any]:
     """Merge the configured members into a loadable safetensors model folder at `out` (atomically)."""
     from mergekit.config import MergeConfiguration
@@ -106,12 +121,18 @@ def merge_models(params: Params, out: Path, run: StageRun | None = None) -> dict
     adapters = paths.lora_merge_cache() / f"merge-{os.getpid()}"
     remove_leftovers(p for p in paths.lora_merge_cache().glob("merge-*") if not _alive(p.name.removeprefix("merge-")))
     options = MergeOptions(
-        copy_tokenizer=True,
+        # mergekit takes the tokenizer of the first member of a set (its order changes with the process's hash seed),
+        # re-serialized when that member is an adapter: the output would differ between runs of the same inputs.
+        # Every member shares the base's tokenizer, which `_copy_chat_files` copies as it is.
+        copy_tokenizer=False,
         lora_merge_cache=str(adapters),
         trust_remote_code=loading.trusts_remote_code(params),
         random_seed=params.seed,
         safe_serialization=True,
-        write_model_card=True,
+        # mergekit's card is titled with the (temporary, per-process) folder it writes and lists the members in set
+        # order, which changes with the process's hash seed: the output would differ between runs of the same
+        # inputs. The merge's configuration (CONFIG_FILE) says what the card would.
+        write_model_card=False,
         quiet=True,
     )
     try:
@@ -143,7 +164,7 @@ def _alive(pid: str) -> bool:
 
 
 def _copy_chat_files(base: Path, out: Path) -> None:
-    """mergekit copies the tokenizer; the chat template and generation settings come from the base too."""
-    for name in ("chat_template.jinja", "generation_config.json"):
-        if (base / name).is_file() and not (out / name).exists():
+    """The tokenizer, chat template and generation settings of the base, byte for byte."""
+    for name in CHAT_FILES:
+        if (base / name).is_file():
             (out / name).write_bytes((base / name).read_bytes())
