@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
-.PHONY: run test ui lint format setup setup-dev params clean
+.PHONY: run test ui lint format setup setup-dev browser params clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,17 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
 
+# Headless Chromium for the UI test (tests/test_ui.py renders the page `make ui` opens): Debian's package where
+# apt-get can install it; elsewhere install `chromium` yourself, or that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "make browser: no chromium, and apt-get cannot install it here; the UI test will skip"; }
+
 run: setup
 	$(BIN)/dvc repro
 
-test: setup-dev
+test: setup-dev browser
 	$(BIN)/python -m pytest
 
 # Rewrite params.yaml from conf/ (what `dvc exp run` does); e.g. `make params OVERRIDES="profile=paper"`.

@@ -1,6 +1,6 @@
 """`budget-align ui` (`make ui`): the MLflow UI over the repository's store, and the URL it prints opens on the runs
-table of the stages' runs, not on MLflow 3's GenAI overview (checked in headless Chromium where it is installed; CI
-does not install it)."""
+table of the stages' runs, not on MLflow 3's GenAI overview (checked in headless Chromium: `make test` installs
+Debian's package where apt-get can, see `make browser`)."""
 
 from __future__ import annotations
 
@@ -95,10 +95,16 @@ def test_the_command_starts_a_server_whose_runs_page_and_api_answer_with_the_sta
 
 def rendered(url: str, screenshot: Path) -> str:
     """The page's DOM after its scripts ran (and a screenshot of it), in headless Chromium."""
+    # A profile of its own, and none of Chromium's calls home (a closed network refuses them, many at a time).
     options = [
         "--headless=new",
         "--no-sandbox",
         "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={screenshot.parent / 'chromium-profile'}",
         "--virtual-time-budget=15000",
         "--window-size=1400,900",
     ]
@@ -108,7 +114,7 @@ def rendered(url: str, screenshot: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed (`make browser`)")
 def test_the_printed_url_shows_the_stages_runs_where_the_experiment_page_shows_none(project, monkeypatch):
     params = load_params(REPO / "params.yaml")
     monkeypatch.setenv("DVC_STAGE", "grpo@sft-ja")
