@@ -303,7 +303,19 @@ def test_tokens_generated_add_up_every_logged_generation():
         {"step": 3, "completions/mean_length": 20.0},  # a log every 2 steps averages 2 generations
         {"step": 3, "train_loss": 0.1},
     ]
-    assert grpo.tokens_generated(history, generation_batch_size=4) == 10 * 4 + 20 * 4 * 2
+    assert grpo.tokens_generated(history, generation_batch_size=4, num_iterations=1) == 10 * 4 + 20 * 4 * 2
+
+
+def test_tokens_generated_count_a_batch_once_when_it_serves_several_steps():
+    """num_iterations 2: batches sampled at steps 1, 3, 5; steps 2 and 4 log no completions."""
+    history = [
+        {"step": 1, "completions/mean_length": 10.0},
+        {"step": 2, "loss": 0.0},
+        {"step": 3, "completions/mean_length": 20.0},
+        {"step": 4, "loss": 0.0},
+        {"step": 6, "completions/mean_length": 30.0},  # a log every 2 steps from here: the batch of step 5
+    ]
+    assert grpo.tokens_generated(history, generation_batch_size=4, num_iterations=2) == (10 + 20 + 30) * 4
 
 
 def test_init_base_puts_a_fresh_lora_on_the_base(project):

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from budget_alignment import plan
-from budget_alignment.train import sft
-from test_train_helpers import FAST_SFT, REPO, composed, enter_project, tiny_params
+from budget_alignment.train import grpo, sft
+from test_train_helpers import FAST_GRPO, FAST_SFT, REPO, composed, enter_project, tiny_params
 
 
 @pytest.fixture
@@ -25,6 +25,16 @@ def test_planned_training_tokens_are_the_tokens_the_trainer_sees(project):
     assert not cost.estimated and cost.work.startswith("3 steps of 2 examples")
     metrics = sft.train_sft(params, "ja")
     assert cost.train_tokens == metrics["tokens_trained"] > 0
+
+
+@pytest.mark.slow
+def test_planned_rollout_tokens_are_the_tokens_grpo_samples_when_a_batch_serves_two_steps(project):
+    """num_iterations 2 over 3 steps: rollouts sampled at steps 1 and 3 only (the tiny model never stops early)."""
+    params = tiny_params(grpo=FAST_GRPO | {"max_steps": 3, "num_iterations": 2})
+    (cost,) = [c for c in plan.plan_stages(params) if c.stage == "grpo@base-ja"]
+    metrics = grpo.train_grpo(params, "base", "ja")
+    assert metrics["global_step"] == 3
+    assert cost.generated_tokens == metrics["tokens_generated"] == 2 * 2 * 12  # 2 batches x 2 rollouts x 12 tokens
 
 
 def test_without_the_tokenizer_the_tokens_are_estimated_and_say_so(tmp_path, monkeypatch):

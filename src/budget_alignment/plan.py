@@ -249,16 +249,24 @@ def plan_stages(params: Params) -> list[StageCost]:
     for init in grpo.init:
         for lang in params.languages:
             texts = grpo_prompt_texts(params, lang, tokenizer)
+            # TRL samples a batch of rollouts and takes `num_iterations` optimizer steps on it (its epoch repeats
+            # each batch as often): rollouts are sampled once per that many steps, and trained on at every step.
             per_epoch = math.ceil(texts.records / grpo.prompts_per_step)
-            steps = grpo.max_steps if grpo.max_steps > 0 else math.ceil(per_epoch * grpo.num_train_epochs)
-            completions = steps * grpo.prompts_per_step * grpo.num_generations
+            if grpo.max_steps > 0:
+                steps = grpo.max_steps
+                rounds = math.ceil(steps / grpo.num_iterations)
+            else:
+                rounds = math.ceil(per_epoch * grpo.num_train_epochs)
+                steps = rounds * grpo.num_iterations
+            rollouts = grpo.prompts_per_step * grpo.num_generations
             mean_prompt = sum(texts.tokens) / max(1, len(texts.tokens))
             costs.append(
                 StageCost(
                     f"grpo@{init}-{lang}",
-                    f"{steps} steps of {grpo.prompts_per_step} prompt(s) x {grpo.num_generations} rollouts",
-                    train_tokens=round(completions * (mean_prompt + grpo.max_completion_length)),
-                    generated_tokens=completions * grpo.max_completion_length,
+                    f"{steps} steps of {grpo.prompts_per_step} prompt(s) x {grpo.num_generations} rollouts"
+                    + (f", sampled every {grpo.num_iterations} steps" if grpo.num_iterations > 1 else ""),
+                    train_tokens=round(steps * rollouts * (mean_prompt + grpo.max_completion_length)),
+                    generated_tokens=rounds * rollouts * grpo.max_completion_length,
                     output_bytes=lora_bytes,
                     checkpoint_bytes=CHECKPOINTS_KEPT * lora_bytes * (1 + OPTIMIZER_BYTES_PER_PARAMETER // 2),
                     estimated=True,

@@ -257,16 +257,19 @@ def make_grpo_trainer(
     )
 
 
-def tokens_generated(log_history: Sequence[Mapping[str, Any]], generation_batch_size: int) -> int:
+def tokens_generated(log_history: Sequence[Mapping[str, Any]], generation_batch_size: int, num_iterations: int) -> int:
     """Completion tokens sampled over the run, from the logged mean completion lengths.
 
-    Each optimizer step generates one batch of `generation_batch_size` completions; a log entry averages the
-    steps since the previous one. The log history survives a resume, so the count covers the whole run.
+    TRL samples one batch of `generation_batch_size` completions at optimizer steps 1, 1 + k, 1 + 2k... (k =
+    `num_iterations`: each batch serves k steps), so steps 1..s hold ceil(s / k) of them; a log entry averages the
+    batches sampled since the previous entry that had one. The log history survives a resume, so the count covers
+    the whole run.
     """
     total, previous_step = 0.0, 0
     for entry in log_history:
         if "completions/mean_length" in entry:
-            total += entry["completions/mean_length"] * generation_batch_size * (entry["step"] - previous_step)
+            batches = math.ceil(entry["step"] / num_iterations) - math.ceil(previous_step / num_iterations)
+            total += entry["completions/mean_length"] * generation_batch_size * batches
             previous_step = entry["step"]
     return round(total)
 
@@ -327,7 +330,7 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
     history = trainer.state.log_history
     metrics = outputs.training_metrics(trainer) | {
         "prompts": len(dataset),
-        "tokens_generated": tokens_generated(history, config.generation_batch_size),
+        "tokens_generated": tokens_generated(history, config.generation_batch_size, config.num_iterations),
         "rewards": reward_means(history, names),
     }
     if init == "sft" and policy.start != paths.model_dir(f"sft-{lang}"):
