@@ -244,17 +244,19 @@ def plan_stages(params: Params) -> list[StageCost]:
     for lang in topup.languages:  # the others write a marker
         texts = training_texts(params, topup.dataset, lang, tokenizer, topup.max_length_for(lang))
         costs.append(training_cost(params, f"topup@{lang}", texts, topup, dtype))
+    from budget_alignment.train.grpo import sampled_batches
+
     grpo = params.grpo
     lora_bytes = lora_parameters(params, grpo.lora.r) * DTYPE_BYTES[dtype]
     for init in grpo.init:
         for lang in params.languages:
             texts = grpo_prompt_texts(params, lang, tokenizer)
-            # TRL samples a batch of rollouts and takes `num_iterations` optimizer steps on it (its epoch repeats
-            # each batch as often): rollouts are sampled once per that many steps, and trained on at every step.
+            # Each sampled batch of rollouts serves `num_iterations` optimizer steps (TRL's epoch repeats each batch
+            # as often): trained on at every step, sampled once per that many.
             per_epoch = math.ceil(texts.records / grpo.prompts_per_step)
             if grpo.max_steps > 0:
                 steps = grpo.max_steps
-                rounds = math.ceil(steps / grpo.num_iterations)
+                rounds = sampled_batches(steps, grpo.num_iterations)
             else:
                 rounds = math.ceil(per_epoch * grpo.num_train_epochs)
                 steps = rounds * grpo.num_iterations

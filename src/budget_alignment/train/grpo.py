@@ -257,18 +257,23 @@ def make_grpo_trainer(
     )
 
 
+def sampled_batches(steps: int, num_iterations: int) -> int:
+    """Batches of rollouts TRL samples in optimizer steps 1..`steps`: one at steps 1, 1 + k, 1 + 2k... (k =
+    `num_iterations`, the steps each batch serves)."""
+    return math.ceil(steps / num_iterations)
+
+
 def tokens_generated(log_history: Sequence[Mapping[str, Any]], generation_batch_size: int, num_iterations: int) -> int:
     """Completion tokens sampled over the run, from the logged mean completion lengths.
 
-    TRL samples one batch of `generation_batch_size` completions at optimizer steps 1, 1 + k, 1 + 2k... (k =
-    `num_iterations`: each batch serves k steps), so steps 1..s hold ceil(s / k) of them; a log entry averages the
+    Each sampled batch (`sampled_batches`) holds `generation_batch_size` completions; a log entry averages the
     batches sampled since the previous entry that had one. The log history survives a resume, so the count covers
     the whole run.
     """
     total, previous_step = 0.0, 0
     for entry in log_history:
         if "completions/mean_length" in entry:
-            batches = math.ceil(entry["step"] / num_iterations) - math.ceil(previous_step / num_iterations)
+            batches = sampled_batches(entry["step"], num_iterations) - sampled_batches(previous_step, num_iterations)
             total += entry["completions/mean_length"] * generation_batch_size * batches
             previous_step = entry["step"]
     return round(total)
