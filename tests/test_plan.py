@@ -27,6 +27,21 @@ def test_planned_training_tokens_are_the_tokens_the_trainer_sees(project):
     assert cost.train_tokens == metrics["tokens_trained"] > 0
 
 
+@pytest.mark.parametrize("max_steps", [2, 4])
+def test_planned_tokens_are_exact_when_max_steps_cuts_an_epoch(project, max_steps):
+    """6 chains, 2 a step: 2 steps read 4 of them, 4 steps an epoch and 2 more; which ones, the trainer's seeded
+    shuffle decides, and the plan replays it (the chains differ in length, so a wrong guess shows)."""
+    settings = FAST_SFT | {"max_steps": max_steps, "batch_size": 2, "per_device_batch_size": 1}
+    params = tiny_params(sft=settings)
+    (cost,) = [c for c in plan.plan_stages(params) if c.stage == "sft@ja"]
+    tokenizer, max_length = plan._tokenizer(params), params.sft.max_length_for("ja")
+    texts = plan.training_texts(params, params.sft.dataset, "ja", tokenizer, max_length)
+    assert len(set(texts.tokens)) > 1 and texts.records == 6
+    metrics = sft.train_sft(params, "ja")
+    assert metrics["global_step"] == max_steps
+    assert not cost.estimated and cost.train_tokens == metrics["tokens_trained"]
+
+
 @pytest.mark.slow
 def test_planned_rollout_tokens_are_the_tokens_grpo_samples_when_a_batch_serves_two_steps(project):
     """num_iterations 2 over 3 steps: rollouts sampled at steps 1 and 3 only (the tiny model never stops early)."""
@@ -86,3 +101,11 @@ def test_the_command_prints_the_table_for_a_composed_profile():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| grpo@sft-ja |" in result.stdout and "Disk at most:" in result.stdout
+
+
+def test_a_global_batch_the_machine_s_devices_cannot_share_fails_the_plan_naming_both_numbers(tmp_path):
+    """`auto` processes: one per device of the machine `plan.throughput` describes (params cannot check it alone)."""
+    machine = {"plan.throughput": {"devices": 2}}
+    params = tiny_params(compute={"num_processes": "auto"}, sft={"batch_size": 3}, **machine)
+    with pytest.raises(plan.PlanError, match=r"sft.batch_size: 3 per step cannot be split evenly over 2 processes"):
+        plan.make_plan(params, tmp_path)

@@ -23,7 +23,7 @@ from typing import Any
 
 from budget_alignment import loading, paths
 from budget_alignment.errors import StageError
-from budget_alignment.params import MERGE_METHODS, Params, TrainingParams
+from budget_alignment.params import MERGE_METHODS, Params, TrainingParams, split_errors
 from budget_alignment.records import Problem, read_records
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
@@ -178,26 +178,67 @@ def _sized(params: Params, dataset: str) -> Texts:
     return Texts(records, [size.mean_tokens] * records, True)
 
 
-def seen_tokens(texts: Texts, training: TrainingParams) -> tuple[int, int, bool]:
-    """(optimizer steps, tokens trained, whether exact): whole epochs see every example; `max_steps` a share."""
-    per_epoch = math.ceil(texts.records / training.batch_size)
-    if training.max_steps > 0:
-        steps = training.max_steps
-        examples = min(steps * training.batch_size, texts.records * math.ceil(steps / per_epoch))
-        mean = sum(texts.tokens) / max(1, len(texts.tokens))
-        exact = examples == texts.records and not texts.estimated
-        return steps, round(sum(texts.tokens) if exact else examples * mean), exact
-    epochs = training.num_train_epochs
-    steps = math.ceil(per_epoch * epochs)
-    exact = float(epochs).is_integer() and not texts.estimated
-    return steps, round(sum(texts.tokens) * epochs), exact
+def trained_examples(
+    records: int, training: TrainingParams, seed: int, processes: int, key: str
+) -> tuple[int, list[int]]:
+    """The trainer's optimizer steps, and the examples (indices, repeats included) they read, in its order.
+
+    Replayed with the loader the Trainer itself builds: accelerate's seeded sampler (a permutation drawn from
+    `seed + epoch` each epoch), each process's shard of the batches (the last batch of an epoch filled from its start
+    so that every process gets one), and `accumulation` batches per optimizer step (fewer at an epoch's end), until
+    `max_steps` or the epochs' steps. So a step count that cuts an epoch counts the examples it really trains on.
+    """
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from budget_alignment.train.trainer_setup import batch_plan
+
+    batch = batch_plan(training.batch_size, training.per_device_batch_size, processes, key)
+    indices = range(records)
+    loaders = [
+        prepare_data_loader(
+            DataLoader(indices, sampler=RandomSampler(indices), batch_size=batch.per_device),
+            num_processes=processes,
+            process_index=rank,
+            use_seedable_sampler=True,
+            data_seed=seed,
+        )
+        for rank in range(processes)
+    ]
+    batches_per_epoch = len(loaders[0])
+    steps_per_epoch = math.ceil(batches_per_epoch / batch.accumulation)
+    last_step_batches = batches_per_epoch - (steps_per_epoch - 1) * batch.accumulation
+    steps = training.max_steps if training.max_steps > 0 else math.ceil(training.num_train_epochs * steps_per_epoch)
+    seen: list[int] = []
+    for epoch in range(math.ceil(steps / steps_per_epoch)):
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        iterators = [iter(loader) for loader in loaders]
+        for step in range(min(steps_per_epoch, steps - epoch * steps_per_epoch)):
+            count = last_step_batches if step == steps_per_epoch - 1 else batch.accumulation
+            seen += [int(i) for iterator in iterators for _ in range(count) for i in next(iterator)]
+    return steps, seen
+
+
+def seen_tokens(texts: Texts, training: TrainingParams, seed: int, processes: int, key: str) -> tuple[int, int, bool]:
+    """(optimizer steps, tokens trained, whether exact)."""
+    steps, examples = trained_examples(texts.records, training, seed, processes, key)
+    return steps, sum(texts.tokens[i] for i in examples), not texts.estimated
 
 
 # --- the stages ----------------------------------------------------------------------------------------------------
 
 
-def training_cost(params: Params, stage: str, texts: Texts, training: TrainingParams, dtype: str) -> StageCost:
-    steps, tokens, exact = seen_tokens(texts, training)
+def processes(params: Params) -> int:
+    """The processes each stage runs as: `compute.num_processes`, with `auto` the devices of `plan.throughput`."""
+    compute, speed = params.compute.num_processes, params.plan.throughput
+    return speed.devices if compute == "auto" else compute
+
+
+def training_cost(
+    params: Params, stage: str, texts: Texts, training: TrainingParams, dtype: str, batch_key: str
+) -> StageCost:
+    steps, tokens, exact = seen_tokens(texts, training, params.seed, processes(params), batch_key)
     trained = lora_parameters(params, training.lora.r) if training.use_lora else params.plan.model.parameters
     output = trained * DTYPE_BYTES[dtype] if training.use_lora else model_bytes(params, dtype)
     return StageCost(
@@ -211,6 +252,10 @@ def training_cost(params: Params, stage: str, texts: Texts, training: TrainingPa
 
 
 def plan_stages(params: Params) -> list[StageCost]:
+    from budget_alignment.train import prior as prior_stage
+    from budget_alignment.train import sft as sft_stage
+    from budget_alignment.train import topup as topup_stage
+
     tokenizer = _tokenizer(params)
     dtype = params.base_model.dtype
     costs = [StageCost("base_model", "the base model's weights", output_bytes=model_bytes(params, dtype))]
@@ -221,7 +266,7 @@ def plan_stages(params: Params) -> list[StageCost]:
         joined = Texts(sum(t.records for t in texts), [n for t in texts for n in t.tokens], estimated=True)
         max_length = max(prior.training.max_length_for(lang) for lang in prior.question_languages)
         joined.tokens = [min(n, max_length) for n in joined.tokens]
-        cost = training_cost(params, "base_model", joined, prior.training, dtype)
+        cost = training_cost(params, "base_model", joined, prior.training, dtype, prior_stage.BATCH_KEY)
         costs[0].train_tokens, costs[0].estimated = cost.train_tokens, cost.estimated
         costs[0].work = f"the base model's weights and its reasoning prior ({cost.work})"
         costs[0].checkpoint_bytes = cost.checkpoint_bytes
@@ -239,11 +284,11 @@ def plan_stages(params: Params) -> list[StageCost]:
     for lang in params.languages:
         sft = params.sft
         texts = training_texts(params, sft.dataset, lang, tokenizer, sft.max_length_for(lang))
-        costs.append(training_cost(params, f"sft@{lang}", texts, sft, dtype))
+        costs.append(training_cost(params, f"sft@{lang}", texts, sft, dtype, sft_stage.BATCH_KEY))
     topup = params.topup
     for lang in topup.languages:  # the others write a marker
         texts = training_texts(params, topup.dataset, lang, tokenizer, topup.max_length_for(lang))
-        costs.append(training_cost(params, f"topup@{lang}", texts, topup, dtype))
+        costs.append(training_cost(params, f"topup@{lang}", texts, topup, dtype, topup_stage.BATCH_KEY))
     from budget_alignment.train.grpo import sampled_batches
 
     grpo = params.grpo
@@ -298,7 +343,7 @@ def plan_stages(params: Params) -> list[StageCost]:
 def timed(params: Params, costs: Iterable[StageCost]) -> list[StageCost]:
     """Seconds and devices of each stage on the machine of `plan.throughput`."""
     speed = params.plan.throughput
-    devices = speed.devices if params.compute.num_processes == "auto" else params.compute.num_processes
+    devices = processes(params)
     timed_costs = []
     for cost in costs:
         translating = cost.stage.startswith("translate@")
@@ -321,6 +366,9 @@ def link_type(root: Path) -> str:
 def make_plan(params: Params, root: Path | None = None) -> Plan:
     if params.plan is None:
         raise PlanError("plan: this profile has no `plan` section (the base model's shape and the machine's speed)")
+    split = split_errors(params, processes(params))
+    if split:
+        raise PlanError("\n".join(split))
     root = root or paths.repo_root()
     costs = timed(params, plan_stages(params))
     kind = link_type(root)
@@ -376,6 +424,6 @@ def plan_table(plan: Plan) -> str:
             f"Disk at most: {gib(plan.disk_bytes)} GiB (outputs, the DVC cache as {plan.link_type}: "
             f"{gib(plan.cache_bytes)} GiB of copies, and one stage's checkpoints); {gib(plan.free_bytes)} GiB free.",
             f"Time: {plan.seconds / 3600:.2f} h on {plan.device} ({plan.throughput_source}).",
-            "~: estimated (the data or the tokenizer are not at hand, or training sees a share of the data).",
+            "~: estimated (the data or the tokenizer are not at hand before the run, or the text is yet to be generated).",
         ]
     )

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 ENGLISH = "en"
 
+BATCH_KEY = "base_model.reasoning_prior.training.batch_size"
+
 
 def prior_chains(params: Params) -> dict[str, list[Problem]]:
     """The prior's chains per language (English and every question language), from the dataset's sources."""
@@ -98,7 +100,7 @@ def apply_reasoning_prior(params: Params, model_dir: Path, run: StageRun | None 
         seed=params.seed,
         checkpoint_dir=checkpoint_dir,
         run=run,
-        batch_key="base_model.reasoning_prior.training.batch_size",
+        batch_key=BATCH_KEY,
     )
     model = trainer.model.merge_and_unload() if training.use_lora else trainer.model
     model = model.to(getattr(torch, params.base_model.dtype))
