@@ -49,16 +49,21 @@ work, tests_status, run_status, seconds = Path(sys.argv[1]), int(sys.argv[2]), i
 log = (work / "tests.log").read_text()
 summary = re.findall(r"=+ (.*(?:passed|failed|skipped|error).*) =+", log)
 budgets = [json.loads(p.read_text()) for p in (work / "project/reports/budget").glob("*.json")]
-trained = sum(b.get("tokens_trained", 0) for b in budgets if b["stage"].startswith(("sft", "grpo")))
-train_s = sum(b["wall_seconds"] for b in budgets if b["stage"].startswith(("sft", "grpo")))
-generated = sum(b.get("tokens_generated", 0) for b in budgets if b["stage"].startswith("generate"))
-generate_s = sum(b.get("generation_seconds", 0) for b in budgets if b["stage"].startswith("generate"))
+def total(prefix, key):
+    return sum(b.get(key, 0) for b in budgets if b["stage"].startswith(prefix))
+
+trained, train_s = total("sft", "tokens_trained"), total("sft", "wall_seconds")
+generated, generate_s = total("generate", "tokens_generated"), total("generate", "generation_seconds")
+# GRPO's wall time less its training at SFT's rate: what its rollouts took (plan.throughput.rollout_tokens_per_s).
+rollout_s = total("grpo", "wall_seconds") - (total("grpo", "tokens_trained") / (trained / train_s) if trained else 0)
+rolled_out = total("grpo", "tokens_generated")
 rows = [
     ("GPUs", (work / "gpus.txt").read_text().strip().replace("\n", "; ")),
     ("gpu/vllm tests", f"{summary[-1] if summary else 'no summary'} (status {tests_status})"),
     ("paper-shaped run", f"{'passed' if run_status == 0 else 'FAILED'} in {seconds} s, {len(budgets)} stages"),
-    ("training tokens/s (sft, grpo)", f"{trained / train_s:.0f}" if train_s else "-"),
-    ("generation tokens/s (vLLM)", f"{generated / generate_s:.0f}" if generate_s else "-"),
+    ("train_tokens_per_s (sft)", f"{trained / train_s:.0f}" if train_s else "-"),
+    ("generate_tokens_per_s (vLLM)", f"{generated / generate_s:.0f}" if generate_s else "-"),
+    ("rollout_tokens_per_s (grpo)", f"{rolled_out / rollout_s:.0f}" if rolled_out and rollout_s > 0 else "-"),
     ("peak memory of a stage", f"{max((b['peak_rss_bytes'] for b in budgets), default=0) / 2**30:.1f} GiB"),
 ]
 print("\n| check | result |\n|---|---|")

@@ -89,6 +89,13 @@ def test_the_paper_plan_counts_device_hours_on_the_machine_it_assumes(tmp_path):
     assert costs["grpo@sft-ja"].generated_tokens == 500 * 24 * params.grpo.max_completion_length
     assert costs["sft@ja"].devices == params.plan.throughput.devices == 8
     assert result.seconds > 0 and "assumed" in result.throughput_source
+    # Each kind of stage at its own rate: GRPO's rollouts at the in-trainer rate, not the generate stages' one.
+    speed = params.plan.throughput
+    grpo = costs["grpo@sft-ja"]
+    trained = grpo.train_tokens * params.grpo.num_iterations
+    work = trained / speed.train_tokens_per_s + grpo.generated_tokens / speed.rollout_tokens_per_s
+    assert grpo.seconds == pytest.approx(speed.stage_start_s + work / 8)
+    assert speed.rollout_tokens_per_s != speed.generate_tokens_per_s
 
 
 def test_the_command_prints_the_table_for_a_composed_profile():

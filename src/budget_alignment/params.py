@@ -610,6 +610,9 @@ class Throughput(Section):
     devices: PositiveInt = 1
     train_tokens_per_s: Annotated[float, Field(gt=0)]
     generate_tokens_per_s: Annotated[float, Field(gt=0)]
+    # GRPO's rollouts, sampled inside the trainer (TRL's generate, or vLLM beside it): not the generate stages' engine.
+    # Unset: the generate stages' rate.
+    rollout_tokens_per_s: Annotated[float, Field(gt=0)] | None = None
     translate_tokens_per_s: Annotated[float, Field(gt=0)]
     # A stage's process start-up (imports, model load) before its work.
     stage_start_s: Annotated[float, Field(ge=0)] = 0.0

@@ -44,6 +44,8 @@ class StageCost:
     stage: str
     work: str
     train_tokens: int = 0
+    # Optimizer steps over each trained token: GRPO trains each sampled batch `num_iterations` times.
+    train_passes: int = 1
     generated_tokens: int = 0
     output_bytes: int = 0
     checkpoint_bytes: int = 0
@@ -312,7 +314,9 @@ def plan_stages(params: Params) -> list[StageCost]:
                     f"grpo@{init}-{lang}",
                     f"{steps} steps of {grpo.prompts_per_step} prompt(s) x {grpo.num_generations} rollouts"
                     + (f", sampled every {grpo.num_iterations} steps" if grpo.num_iterations > 1 else ""),
-                    train_tokens=round(steps * rollouts * (mean_prompt + grpo.max_completion_length)),
+                    # As TRL counts them (num_input_tokens_seen): each sampled prompt and completion once.
+                    train_tokens=round(rounds * rollouts * (mean_prompt + grpo.max_completion_length)),
+                    train_passes=grpo.num_iterations,
                     generated_tokens=rounds * rollouts * grpo.max_completion_length,
                     output_bytes=lora_bytes,
                     checkpoint_bytes=CHECKPOINTS_KEPT * lora_bytes * (1 + OPTIMIZER_BYTES_PER_PARAMETER // 2),
@@ -346,10 +350,13 @@ def timed(params: Params, costs: Iterable[StageCost]) -> list[StageCost]:
     devices = processes(params)
     timed_costs = []
     for cost in costs:
-        translating = cost.stage.startswith("translate@")
         cost.devices = devices if (cost.train_tokens or cost.generated_tokens) else 1
-        rate = speed.translate_tokens_per_s if translating else speed.generate_tokens_per_s
-        work = cost.train_tokens / speed.train_tokens_per_s + cost.generated_tokens / rate
+        rate = speed.generate_tokens_per_s
+        if cost.stage.startswith("translate@"):
+            rate = speed.translate_tokens_per_s
+        elif cost.stage.startswith("grpo@"):
+            rate = speed.rollout_tokens_per_s or rate
+        work = cost.train_tokens * cost.train_passes / speed.train_tokens_per_s + cost.generated_tokens / rate
         cost.seconds = speed.stage_start_s + work / cost.devices
         timed_costs.append(cost)
     return timed_costs
@@ -424,6 +431,6 @@ def plan_table(plan: Plan) -> str:
             f"Disk at most: {gib(plan.disk_bytes)} GiB (outputs, the DVC cache as {plan.link_type}: "
             f"{gib(plan.cache_bytes)} GiB of copies, and one stage's checkpoints); {gib(plan.free_bytes)} GiB free.",
             f"Time: {plan.seconds / 3600:.2f} h on {plan.device} ({plan.throughput_source}).",
-            "~: estimated (the data or the tokenizer are not at hand before the run, or the text is yet to be generated).",
+            "~: estimated (the data or the tokenizer are not at hand before the run, or the text is yet to come).",
         ]
     )
