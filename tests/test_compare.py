@@ -136,6 +136,16 @@ def test_experiments_come_from_dvc_exp_show_each_with_its_params_and_results():
     assert compare.changed_params(comparison.experiments) == ["grpo.clip_high", "normalize.ja.compact_numeral_spacing"]
 
 
+def test_a_running_experiment_is_named_not_compared_its_figures_are_its_baseline_s():
+    show = json.loads(SHOW.read_text())
+    (spacing,) = [e for entry in show for e in entry.get("experiments") or [] if e.get("name") == "spacing"]
+    assert compare._data(spacing["revs"][0])  # dvc exp show gives figures...
+    spacing["executor"]["state"] = "running"  # ...which, while it runs, are the baseline's
+    comparison = compare.experiments_of(show)
+    assert [e.name for e in comparison.experiments] == ["main", "clip-0.24"]
+    assert dict(comparison.pending)["spacing"] == "running"
+
+
 def test_rows_average_the_evaluation_sets_per_experiment_regime_and_language():
     comparison = compare.experiments_of(json.loads(SHOW.read_text()))
     rows = {(r.experiment, r.regime, r.lang): r for r in compare.result_rows(comparison.experiments, "pass@1")}

@@ -104,11 +104,13 @@ def experiments_of(show: Sequence[Mapping[str, Any]]) -> Comparison:
         for experiment in sorted(entry.get("experiments") or [], key=_created):
             revs = experiment.get("revs") or []
             name = experiment.get("name") or (revs[0]["rev"][:7] if revs else "?")
-            found = _data(revs[0]) if revs else None
+            state = (experiment.get("executor") or {}).get("state")
+            # A running experiment already shows figures: its baseline's, until it ends.
+            found = _data(revs[0]) if revs and state in (None, "success") else None
             if found:
                 experiments.append(Experiment(name, revs[0]["rev"], *found))
             else:
-                pending.append((name, ((experiment.get("executor") or {}).get("state")) or "no results"))
+                pending.append((name, state or "no results"))
     if workspace and not any((e.params, e.metrics) == workspace for e in experiments):
         experiments.append(Experiment("workspace", "workspace", *workspace))
     return Comparison(experiments, pending)
