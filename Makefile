@@ -35,8 +35,9 @@ browser:
 run: setup
 	$(BIN)/dvc repro
 
+# The e2e module on one worker, every other test on any (tests/test_pipeline_e2e.py holds one project for its tests).
 test: setup-dev browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 # Rewrite params.yaml from conf/ (what `dvc exp run` does); e.g. `make params OVERRIDES="profile=paper"`.
 params: setup

@@ -42,3 +42,9 @@ def _isolated_tracking(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     for name in ("MLFLOW_RUN_ID", "DVC_STAGE", "DVC_EXP_NAME"):
         monkeypatch.delenv(name, raising=False)
+
+
+def pytest_collection_modifyitems(items):
+    """The e2e module first: under `pytest -n` (make test) one worker takes it, the longest run of the suite, at the
+    start, while the others share the rest; collected last, it would start when the rest is nearly done."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
