@@ -170,6 +170,14 @@ def test_every_stage_lists_every_module_its_command_imports(name):
     assert not sorted(listed - needed), f"{name}: dvc.yaml lists modules the command does not import"
 
 
+def test_the_lock_holds_only_the_stages_of_dvc_yaml():
+    """DVC keeps a removed stage's entry in dvc.lock, and every command reads the whole lock: drop it by hand."""
+    import yaml
+
+    locked = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    assert not sorted(set(locked) - set(dvc_stages())), "dvc.lock holds stages that dvc.yaml no longer defines"
+
+
 def test_stages_that_read_bundled_sets_depend_on_them():
     for name, stage in dvc_stages().items():
         kind, _ = instance_of(name, stage["cmd"])
