@@ -90,6 +90,9 @@ def _outside(pattern: re.Pattern[str], text: str, function: Callable[[str], str]
 # --- always: Unicode and whitespace -------------------------------------------------------------------------------
 
 _TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n|\Z)")
+# A blank inside a line, for the rules that join or drop what blanks separate: one class, so no rule joins across a
+# blank that another rule skips (which would make normalizing twice differ from once).
+_BLANK = "[ \t\u00a0\u3000]"
 _BLANK_LINES = re.compile(r"\n{4,}")
 
 
@@ -236,7 +239,8 @@ UNITS = {
     "㎤": "cm³",
 }
 # Longest names first, so センチメートル is not read as センチ + メートル; only right after a number.
-_UNIT = re.compile(r"(?<=[\d０-９])[ \u3000]*(" + "|".join(map(re.escape, sorted(UNITS, key=len, reverse=True))) + ")")
+_UNIT_NAMES = "|".join(map(re.escape, sorted(UNITS, key=len, reverse=True)))
+_UNIT = re.compile(rf"(?<=[\d０-９]){_BLANK}*({_UNIT_NAMES})")
 
 
 @rule("consistent_units")
@@ -270,13 +274,12 @@ def spanish_math_notation(text: str, lang: str) -> str:
 SPACELESS_LANGUAGES = frozenset({"ja", "zh"})
 # Kana, CJK ideographs, CJK punctuation (not the ideographic space) and full-width forms.
 _CJK = "\u3001-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff01-\uff60"
-_BLANKS = "[ \t\u00a0\u3000]+"
 # Stands for a math span while the blanks around it are adjusted (a private-use character real text does not hold).
 _FORMULA = "\ue000"
 _SPACED_OPERATOR = re.compile(r"(?<=\d)[ \t\u00a0]*([+\-*/=<>×÷^])[ \t\u00a0]*(?=\d)")
 # A numeral, a formula or a LaTeX command (`\boxed{15}`) next to Japanese text, blanks between.
-_BLANKS_AFTER_CJK = re.compile(rf"(?<=[{_CJK}]){_BLANKS}(?=[\d\\{_FORMULA}])")
-_BLANKS_BEFORE_CJK = re.compile(rf"(?<=[\d}}{_FORMULA}]){_BLANKS}(?=[{_CJK}])")
+_BLANKS_AFTER_CJK = re.compile(rf"(?<=[{_CJK}]){_BLANK}+(?=[\d\\{_FORMULA}])")
+_BLANKS_BEFORE_CJK = re.compile(rf"(?<=[\d}}{_FORMULA}]){_BLANK}+(?=[{_CJK}])")
 
 
 @rule("compact_numeral_spacing")
