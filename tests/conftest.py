@@ -48,3 +48,20 @@ def pytest_collection_modifyitems(items):
     """The e2e module first: under `pytest -n` (make test) one worker takes it, the longest run of the suite, at the
     start, while the others share the rest; collected last, it would start when the rest is nearly done."""
     items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _loadgroup_keeps_groups(request):
+    """Under `--dist loadgroup` each worker's grouped tests carry their group in their id (`...@e2e`): that suffix is
+    how pytest-xdist keeps a group on one worker. Without it (pytest-dev/pytest-xdist#1386) the group spreads over the
+    workers and each runs its module's `dvc repro` fixture: fail every test at once rather than pay that silently."""
+    if not getattr(request.config.option, "loadgroup", False):
+        return
+    items = request.session.items
+    ungrouped = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if ungrouped:
+        pytest.fail(
+            f"--dist loadgroup does not group {ungrouped[0]} (and {len(ungrouped) - 1} more): this pytest and "
+            "pytest-xdist do not work together (pytest-dev/pytest-xdist#1386); install what pyproject.toml asks",
+            pytrace=False,
+        )
