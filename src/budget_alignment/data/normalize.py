@@ -90,8 +90,8 @@ def _outside(pattern: re.Pattern[str], text: str, function: Callable[[str], str]
 # --- always: Unicode and whitespace -------------------------------------------------------------------------------
 
 _TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n|\Z)")
-# A blank inside a line, for the rules that join or drop what blanks separate: one class, so no rule joins across a
-# blank that another rule skips (which would make normalizing twice differ from once).
+# A blank inside a line, for the unit rule and the Japanese spacing rule: one class, so the unit rule never skips a
+# blank that the spacing rule drops (normalizing twice would then differ from once).
 _BLANK = "[ \t\u00a0\u3000]"
 _BLANK_LINES = re.compile(r"\n{4,}")
 
