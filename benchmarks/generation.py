@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/generation.py --lang fr
 
 Needs what `generate@base-{lang}` reads: data/models/base and data/normalized/{set}/{lang}.jsonl (run the tiny
-pipeline, or `dvc repro normalize@college_math-ja ...`, first). Times one pooled batch (evaluation.limit problems of
+pipeline, or `dvc repro normalize problems`, first). Times one pooled batch (evaluation.limit problems of
 every evaluation set x n samples x max_new_tokens) three times:
 
 1. the backend as the stage runs it (grouped-KV attention, shared prompt cache, static cache, nucleus sampling);

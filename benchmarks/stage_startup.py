@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/stage_startup.py            # the stages of ./dvc.yaml (the params' profile)
     .venv/bin/python benchmarks/stage_startup.py --runs 5
 
-Each stage is its own process (DESIGN.md: one stage per dataset x language, per model x language), so the pipeline
+Each stage is its own process (one stage per data step over every dataset, one per model x language), so the pipeline
 pays Python's start-up and its libraries' imports once per stage. This measures, in fresh interpreters (median of
 --runs), the imports each kind of stage makes and the MLflow helper process beside every stage, and DVC's own cost
 of a stage (a repository of trivial stages, `dvc repro` timed); it multiplies them by the number of stages of each
@@ -26,7 +26,7 @@ from pathlib import Path
 # for its command, and the libraries those import inside the command).
 KINDS = {
     "ingest / translate / normalize": (
-        ("ingest@", "translate@", "normalize@"),
+        ("ingest", "translate", "normalize", "problems", "grpo_data"),
         "import budget_alignment.cli, budget_alignment.data.contracts, budget_alignment.data.normalize, "
         "budget_alignment.data.translate, budget_alignment.scoring.language, lingua",
     ),

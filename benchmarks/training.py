@@ -47,7 +47,7 @@ def compose(workdir: Path, overrides: list[str]) -> Path:
 
 def write_data(workdir: Path, params_file: Path) -> None:
     """The normalized chains and GRPO problems of every language, straight from the datasets' sources, and GRPO's
-    prompts (what grpo_data@{lang} makes of them)."""
+    prompts (what stage grpo_data makes of them)."""
     params = load_params(params_file)
     grpo_sets = {name: share for name, share in params.grpo.datasets.items() if share.weight > 0}
     for name in (params.sft.dataset, *grpo_sets):

@@ -30,7 +30,6 @@ from budget_alignment import io, paths
 from budget_alignment.data.sources import load_source
 from budget_alignment.evaluation import generate
 from budget_alignment.evaluation.problems import problems_file
-from budget_alignment.params import BundledSource
 from budget_alignment.records import Completion, Problem, read_records, write_records
 from budget_alignment.train import checkpoints as setup
 from chat_server import ChatServer
@@ -401,32 +400,33 @@ def test_dvc_repro_killed_mid_translate_asks_nothing_again_and_ends_as_an_uninte
     def translation_project(root: Path) -> Path:
         settings = settings_for(server, concurrency=1, max_chars_per_chunk=120).model_dump(mode="json")
         params = tiny_params(**{"translate": settings, "datasets.chains.translation": {"fr": {"machine": settings}}})
-        save_tiny_model(root / paths.base_model_dir())  # a dep of translate@ (a local translator may use it)
-        write_records(root / paths.ingested("chains"), load_source(BundledSource(name="chains"), "chains", "en"))
+        save_tiny_model(root / paths.base_model_dir())  # a dep of translate (a local translator may use it)
+        for name, spec in params.datasets.items():  # the stage translates every dataset (the others: human ones)
+            write_records(root / paths.ingested(name), load_source(spec.source, name, "en"))
         write_params(root / "params.yaml", params)
         return as_dvc_repository(root)
 
     server = ChatServer()
     try:
         reference = translation_project(tmp_path / "reference")
-        repro_to_the_end(reference, "translate@chains")
+        repro_to_the_end(reference, "translate")
         chunks = len(server.requests)  # every chunk asked once
         server.requests.clear()
 
         crashed = translation_project(tmp_path / "crashed")
         server.block_at = 25
-        repro_killed(crashed, "translate@chains", server.blocked.is_set)
+        repro_killed(crashed, "translate", server.blocked.is_set)
         server.release.set()
         assert not (crashed / paths.translations_dir("chains")).exists()
         answered = server.texts()[:24]
         server.block_at, server.requests[:] = None, []
 
-        repro_to_the_end(crashed, "translate@chains")
+        repro_to_the_end(crashed, "translate")
         assert len(server.requests) == chunks - 24  # nothing answered before the kill was asked again
         assert not set(server.texts()) & set(answered)
         for output in (paths.translations_dir("chains"), paths.rejected_records("translate@chains", "fr").parent):
             assert folder_bytes(crashed / output) == folder_bytes(reference / output), output
-        assert "Running stage" not in repro_to_the_end(crashed, "translate@chains").stdout
+        assert "Running stage" not in repro_to_the_end(crashed, "translate").stdout
     finally:
         server.close()
 

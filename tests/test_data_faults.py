@@ -65,7 +65,7 @@ def test_a_full_disk_under_the_translation_cache_is_one_line_and_the_cached_work
     ingested(root)
     cache = root / ".cache/translations/cache.sqlite"
     # Enough for the database and the first replies' pages in its write-ahead log, not for all of them.
-    result = budget_align(root, "translate", "chains", "fr", file_size_limit=96 * 1024)
+    result = budget_align(root, "translate", "chains", "-l", "fr", file_size_limit=96 * 1024)
     line = one_error_line(result)
     assert re.match(rf"error: cannot write the translation cache {re.escape(str(cache))}: \S", line), line
     assert "then rerun" in line
@@ -75,7 +75,7 @@ def test_a_full_disk_under_the_translation_cache_is_one_line_and_the_cached_work
     assert not (root / "data/translated/chains/fr.jsonl").exists()
     # With room again, the rerun asks only for what is not in the cache.
     server.requests.clear()
-    rerun = budget_align(root, "translate", "chains", "fr")
+    rerun = budget_align(root, "translate", "chains", "-l", "fr")
     assert rerun.returncode == 0, rerun.stderr
     texts = set(server.texts())
     assert len(server.requests) == len(texts) and len(read_records(root / "data/translated/chains/fr.jsonl", Problem))
@@ -115,7 +115,7 @@ def test_a_failing_translation_api_ends_the_stage_with_one_line_naming_the_endpo
     key = "sk-" + secrets.token_hex(16)
     root = make_project(tmp_path / "project", url, api_key_env="BUDGET_ALIGNMENT_TEST_KEY")
     ingested(root)
-    line = one_error_line(budget_align(root, "translate", "chains", "fr", BUDGET_ALIGNMENT_TEST_KEY=key))
+    line = one_error_line(budget_align(root, "translate", "chains", "-l", "fr", BUDGET_ALIGNMENT_TEST_KEY=key))
     prefix = f"error: translating to fr (first pending: record 'chains-001', field 'question'): {url}"
     assert line.startswith(prefix), line
     expected = {
@@ -145,7 +145,7 @@ def test_a_planted_key_reaches_the_server_and_nothing_the_pipeline_writes(tmp_pa
     key = "sk-planted-" + secrets.token_urlsafe(24)
     root = make_project(tmp_path / "project", server.url, api_key_env="OPENAI_API_KEY", tracking=True)
     logs = []
-    for command in (["ingest", "chains"], ["translate", "chains", "fr"], ["normalize", "chains", "fr"]):
+    for command in (["ingest", "chains"], ["translate", "chains", "-l", "fr"], ["normalize", "chains", "-l", "fr"]):
         result = budget_align(root, "--verbose", *command, OPENAI_API_KEY=key, OPENAI_LOG="debug")
         assert result.returncode == 0, result.stderr
         logs += [result.stdout, result.stderr]
@@ -154,7 +154,7 @@ def test_a_planted_key_reaches_the_server_and_nothing_the_pipeline_writes(tmp_pa
     with sqlite3.connect(root / "mlflow.db") as db:
         runs = [row[0] for row in db.execute("SELECT name FROM runs WHERE status = 'FINISHED'")]
         artifact_roots = [Path(row[0].removeprefix("file://")) for row in db.execute("SELECT artifact_uri FROM runs")]
-    assert sorted(runs) == ["ingest@chains", "normalize@chains", "translate@chains"]
+    assert sorted(runs) == ["ingest", "normalize", "translate"]
     written = [path for path in root.rglob("*") if path.is_file()]
     written += [path for folder in artifact_roots if folder.is_dir() for path in folder.rglob("*") if path.is_file()]
     names = {str(path.relative_to(root)) for path in written if path.is_relative_to(root)}

@@ -45,7 +45,7 @@ def test_the_training_fixes_sets_pass_their_contracts(project):
         invoke("normalize", dataset)
         english = read_records(project / f"data/ingested/{dataset}.jsonl", Problem)
         for lang in ("en", "ja", "fr", "es"):
-            outcome = json.loads((project / f"reports/data_quality/normalize@{dataset}/{lang}.json").read_text())
+            outcome = json.loads((project / f"reports/data_quality/normalize/{dataset}/{lang}.json").read_text())
             assert outcome["success"] and outcome["rejected"] == 0, (dataset, lang)
             normalized = read_records(project / f"data/normalized/{dataset}/{lang}.jsonl", Problem)
             assert [(p.id, p.answer) for p in normalized] == [(p.id, p.answer) for p in english]
@@ -59,8 +59,8 @@ def test_the_training_fixes_sets_pass_their_contracts(project):
 def test_the_data_stages_run_through_the_cli(project):
     for dataset in ("chains", "college_math"):
         invoke("ingest", dataset)
-        invoke("translate", dataset, "ja")
-        invoke("normalize", dataset, "ja", "en")
+        invoke("translate", dataset, "--lang", "ja")
+        invoke("normalize", dataset, "--lang", "ja", "--lang", "en")
     english = read_records(project / "data/ingested/chains.jsonl", Problem)
     assert len(english) >= 24 and all(p.lang == "en" for p in english)
     for dataset in ("chains", "college_math"):
@@ -72,20 +72,20 @@ def test_the_data_stages_run_through_the_cli(project):
             assert all(p.lang == lang and "normalize" in p.provenance for p in normalized)
     ja = read_records(project / "data/normalized/college_math/ja.jsonl", Problem)
     assert all(p.answer_type == "choice" and p.answer in p.choices for p in ja)
-    for report in ("ingest@chains/en", "translate@chains/ja", "normalize@chains/ja", "normalize@chains/en"):
+    for report in ("ingest/chains/en", "translate/chains/ja", "normalize/chains/ja", "normalize/chains/en"):
         outcome = json.loads((project / f"reports/data_quality/{report}.json").read_text())
         assert outcome["success"] and outcome["rejected"] == 0
         assert (project / f"reports/data_quality/rejected/{report}.jsonl").read_text() == ""
-    assert (project / "reports/budget/normalize@chains.json").is_file()
+    assert (project / "reports/budget/normalize.json").is_file()
 
 
 def test_a_contract_violation_fails_the_command_cleanly(project):
     invoke("ingest", "math")
-    invoke("translate", "math", "fr")
+    invoke("translate", "math", "--lang", "fr")
     translated = project / "data/translated/math/fr.jsonl"
     records = read_records(translated, Problem)
     write_records(translated, [records[0].model_copy(update={"answer": "-1"}), *records[1:]])
-    result = runner.invoke(app, ["normalize", "math", "fr"])  # the tiny profile rejects nothing
+    result = runner.invoke(app, ["normalize", "math", "--lang", "fr"])  # the tiny profile rejects nothing
     assert result.exit_code == 1
     assert "answer_unchanged" in result.output and records[0].id in result.output
     assert "Traceback" not in result.output
@@ -95,10 +95,10 @@ def test_a_contract_violation_fails_the_command_cleanly(project):
 def test_cli_errors_are_one_line(project):
     for args, message in [
         (["ingest", "nosuch"], "dataset 'nosuch' is not in params"),
-        (["translate", "chains", "de"], "has no entry for 'de'"),
-        (["normalize", "chains", "de"], "normalize has no entry for 'de'"),
+        (["translate", "chains", "--lang", "de"], "has no entry for 'de'"),
+        (["normalize", "chains", "--lang", "de"], "normalize has no entry for 'de'"),
         (["normalize", "nosuch"], "dataset 'nosuch' is not in params"),
-        (["normalize", "chains", "ja"], "run the ingest stage of chains first"),
+        (["normalize", "chains", "--lang", "ja"], "run `budget-align ingest chains` first"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 1 and message in result.output, result.output
@@ -148,12 +148,12 @@ def test_a_tracked_stage_logs_its_data_quality_report_to_mlflow(project, monkeyp
 
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("budget-alignment").experiment_id])
-    assert run.info.run_name == "ingest@medicine" and run.info.status == "FINISHED"
+    assert run.info.run_name == "ingest" and run.info.status == "FINISHED"
     assert run.data.params["datasets.medicine.source.name"] == "medicine"
-    assert run.data.metrics["en.records"] == 12 and run.data.metrics["en.rejected"] == 0
+    assert run.data.metrics["medicine.en.records"] == 12 and run.data.metrics["medicine.en.rejected"] == 0
     assert run.data.params["contracts.max_rejected_fraction.ingest"] == "0.0"
-    names = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "data_quality/en")}
-    assert {"data_quality/en/en.json", "data_quality/en/en.jsonl"} <= names
+    names = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "data_quality/medicine/en")}
+    assert {"data_quality/medicine/en/en.json", "data_quality/medicine/en/en.jsonl"} <= names
     assert any(name.endswith(".html") for name in names)
 
 
@@ -172,10 +172,10 @@ def test_downstream_stages_depend_on_their_language_file_inside_the_data_stage_f
 
     with Repo(str(REPO)) as repo:
         stages = {s.addressing: s for s in repo.index.stages}
-        outs = {str(Path(out.def_path)) for out in stages["normalize@chains"].outs}
+        outs = {str(Path(out.def_path)) for out in stages["normalize"].outs}
         sft_deps = {str(Path(dep.def_path)) for dep in stages["sft@ja"].deps if not hasattr(dep, "params")}
-        assert "data/normalized/chains" in outs and "data/normalized/chains/ja.jsonl" in sft_deps
-        assert stages["normalize@chains"] in repo.index.graph.successors(stages["sft@ja"])
+        assert "data/normalized" in outs and "data/normalized/chains/ja.jsonl" in sft_deps
+        assert stages["normalize"] in repo.index.graph.successors(stages["sft@ja"])
 
 
 # --- pure outputs ----------------------------------------------------------------------------------------------

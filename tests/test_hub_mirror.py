@@ -83,7 +83,7 @@ def test_every_paper_dataset_ingests_from_the_mirror_through_the_cli(paper_proje
         assert provenance["source"] == "hub" and provenance["repo_id"] == source.repo_id
         assert provenance["revision"] == source.revision and provenance["mirror"] == "hub"
         assert provenance["sha256"] == tree_digest(mirror / source.repo_id, contents=True)
-        report = json.loads((root / f"reports/data_quality/ingest@{dataset}/en.json").read_text())
+        report = json.loads((root / f"reports/data_quality/ingest/{dataset}/en.json").read_text())
         assert report["success"] and report["rejected"] == 0
     chains = read_records(root / "data/ingested/chains.jsonl", Problem)
     assert [p.solution for p in chains] == [row["solution"] for row in bundled("chains", "en")]

@@ -234,8 +234,7 @@ def test_the_paper_profile_validates_and_a_dry_run_lists_every_stage_of_the_reci
     params = load_params(paper)
     langs, regimes = params.languages, params.evaluation.regimes
     expected = {"base_model", "merge", "generate_en", "score_en", "report"}
-    expected |= {f"{kind}@{d}" for kind in ("ingest", "translate", "normalize") for d in params.datasets}
+    expected |= {"ingest", "translate", "normalize", "problems", "grpo_data"}
     expected |= {f"sft@{lang}" for lang in langs} | {f"grpo@{i}-{lang}" for i in ("base", "sft") for lang in langs}
-    expected |= {f"problems@{lang}" for lang in [*langs, "en"]}
     expected |= {f"{kind}@{r}-{lang}" for kind in ("generate", "score") for r in regimes for lang in langs}
     assert expected <= planned, sorted(expected - planned)

@@ -194,10 +194,11 @@ def test_every_stage_has_its_mlflow_run_in_the_repository_database(project):
         names = {row[0] for row in db.execute("select name from runs where status = 'FINISHED'")}
     expected = {
         "base_model",
-        "ingest@chains",
-        "translate@chains",
-        "normalize@college_math",
-        "problems@ja",
+        "ingest",
+        "translate",
+        "normalize",
+        "problems",
+        "grpo_data",
         "sft@ja",
         "grpo@sft-ja",
         "merge",
@@ -220,8 +221,8 @@ def test_the_run_took_every_branch_of_the_paper_profile(project, translator):
     translated = [json.loads(line) for line in (root / "data/translated/chains/ja.jsonl").read_text().splitlines()]
     assert translated and all(r["provenance"]["translation"]["method"] == "machine" for r in translated)
     assert translated[0]["provenance"]["translation"]["backend"] == "openai"
-    rejected = [json.loads(line) for line in (root / "reports/data_quality/rejected/translate@chains/ja.jsonl").open()]
-    report = json.loads((root / "reports/data_quality/translate@chains/ja.json").read_text())
+    rejected = [json.loads(line) for line in (root / "reports/data_quality/rejected/translate/chains/ja.jsonl").open()]
+    report = json.loads((root / "reports/data_quality/translate/chains/ja.json").read_text())
     assert report["rejected"] == len(rejected) == 1 and len(translated) == 3  # of datasets.chains.limit = 4
     assert rejected[0]["id"] == "chains-0000" and rejected[0]["checks"] == ["protected_spans_restored"]
     assert "chains-0000" not in {r["id"] for r in translated}  # the chain about Mia
@@ -244,7 +245,7 @@ def test_a_forced_rerun_of_unchanged_stages_changes_no_output(project):
     inputs writes the same bytes, so dvc.lock does not change and nothing downstream is stale."""
     root, env = project
     lock = (root / "dvc.lock").read_text()
-    stages = ["translate@chains", "base_model", "sft@ja", "grpo@sft-ja", "generate@sft-ja"]
+    stages = ["translate", "base_model", "sft@ja", "grpo@sft-ja", "generate@sft-ja"]
     dvc(root, env, "repro", "--force", "--single-item", *stages)
     assert (root / "dvc.lock").read_text() == lock
     assert "up to date" in dvc(root, env, "status").stdout

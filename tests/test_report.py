@@ -142,7 +142,7 @@ def test_budget_is_summed_per_regime():
         "sft@fr": {"wall_seconds": 5.0, "peak_rss_bytes": 3, "tokens_trained": 50},
         "generate@grpo_sft-ja": {"wall_seconds": 1.0, "peak_rss_bytes": 1, "tokens_generated": 7},
         "grpo@sft-ja": {"wall_seconds": 2.0, "peak_rss_bytes": 9, "tokens_generated": 3},
-        "ingest@math": {"wall_seconds": 99.0},
+        "ingest": {"wall_seconds": 99.0},
     }
     totals = budget.budget_by_regime(budgets)
     assert totals["sft"] == {"wall_seconds": 15.0, "peak_rss_bytes": 3, "tokens_trained": 150, "tokens_generated": 0}

@@ -338,8 +338,8 @@ def test_stage_with_a_human_translation(workdir):
     assert records[0].provenance["translation"]["method"] == "human"
     assert records[0].provenance["translation"]["source"]["set"] == "college_math"
     assert read_records(workdir / "data/translated/college_math/ja.jsonl", Problem) == records
-    assert json.loads((workdir / "reports/data_quality/translate@college_math/ja.json").read_text())["rejected"] == 0
-    assert (workdir / "reports/data_quality/rejected/translate@college_math/ja.jsonl").read_text() == ""
+    assert json.loads((workdir / "reports/data_quality/translate/college_math/ja.json").read_text())["rejected"] == 0
+    assert (workdir / "reports/data_quality/rejected/translate/college_math/ja.jsonl").read_text() == ""
 
 
 @pytest.mark.slow
@@ -356,7 +356,7 @@ def test_one_process_translates_every_language_and_a_rerun_is_all_cache_hits(wor
     again = translate_dataset(params, "chains")
     assert len(server.requests) == asked  # nothing asked again
     assert again == first and {lang: path.read_bytes() for lang, path in outputs.items()} == before
-    report = json.loads((workdir / "reports/data_quality/translate@chains/fr.json").read_text())
+    report = json.loads((workdir / "reports/data_quality/translate/chains/fr.json").read_text())
     assert report["success"] and report["checks"]["protected_spans_restored"]["success"]
     assert report["rejected"] == 0 and report["records"] == len(first["fr"])
 
@@ -378,7 +378,7 @@ def test_a_translation_that_merges_protected_numbers_fails_the_contract(workdir,
     assert "protected_spans_restored" in caught.value.failed_checks
     assert "above contracts.max_rejected_fraction.translate = 0" in str(caught.value)
     assert not (workdir / "data/translated/chains/es.jsonl").exists()
-    assert not (workdir / "reports/data_quality/rejected/translate@chains/es.jsonl").exists()
+    assert not (workdir / "reports/data_quality/rejected/translate/chains/es.jsonl").exists()
 
 
 def english_in_one_record(record_id: str):
@@ -412,7 +412,7 @@ def test_a_record_failing_the_row_checks_is_retried_and_then_accepted(workdir, s
     retried = [request for request in server.requests if request.get("seed") == 1]
     assert retried and all(request["temperature"] == 0.7 for request in retried)
     assert len(retried) == 2  # the question and the solution of chains-004, nothing else
-    assert (workdir / "reports/data_quality/rejected/translate@chains/fr.jsonl").read_text() == ""
+    assert (workdir / "reports/data_quality/rejected/translate/chains/fr.jsonl").read_text() == ""
 
 
 def test_what_still_fails_is_quarantined_within_the_maximum(workdir, server):
@@ -430,11 +430,11 @@ def test_what_still_fails_is_quarantined_within_the_maximum(workdir, server):
     ingest(params, "chains")
     records = translate_dataset(params, "chains", langs=["fr"])["fr"]
     assert [record.id for record in records] == [p.id for p in CHAINS if p.id != "chains-004"]
-    lines = [json.loads(line) for line in (workdir / "reports/data_quality/rejected/translate@chains/fr.jsonl").open()]
+    lines = [json.loads(line) for line in (workdir / "reports/data_quality/rejected/translate/chains/fr.jsonl").open()]
     assert [(line["id"], line["checks"]) for line in lines] == [("chains-004", ["in_target_language"])]
     assert lines[0]["record"]["question"] == CHAINS[3].question
     assert read_records(workdir / "data/translated/chains/fr.jsonl", Problem) == records
-    report = json.loads((workdir / "reports/data_quality/translate@chains/fr.json").read_text())
+    report = json.loads((workdir / "reports/data_quality/translate/chains/fr.json").read_text())
     assert report["success"] and report["rejected"] == 1 and report["checks"]["in_target_language"]["rejected"] == 1
     # Downstream never sees it: normalize takes what translate accepted, and checks against that.
     from budget_alignment.data.normalize import normalize_dataset
@@ -460,7 +460,7 @@ def test_a_record_missing_from_a_human_translation_is_rejected_as_ids_aligned(wo
     ingest(params, "math")
     records = translate_dataset(params, "math", langs=["ja"])["ja"]
     assert len(records) == len(rows) - 1
-    (line,) = [json.loads(line) for line in (workdir / "reports/data_quality/rejected/translate@math/ja.jsonl").open()]
+    (line,) = [json.loads(line) for line in (workdir / "reports/data_quality/rejected/translate/math/ja.jsonl").open()]
     assert line == {"id": rows[0]["id"], "checks": ["ids_aligned"], "record": None}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -73,8 +73,17 @@ Dataset = Annotated[str, typer.Argument(help="A dataset name from params (`datas
 Lang = Annotated[str, typer.Argument(help="A target language (one of `languages`).")]
 Regime = Annotated[str, typer.Argument(help="base, sft, grpo_base, grpo_sft or merge.")]
 EvaluatedLang = Annotated[str, typer.Argument(help="The language asked in (one of `languages`, or en).")]
-Languages = Annotated[
-    list[str] | None, typer.Argument(help="Only these languages (default: every language of the stage).")
+Datasets = Annotated[
+    list[str] | None, typer.Argument(help="Only these datasets (default: every one of params).", show_default=False)
+]
+LangOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lang",
+        "-l",
+        help="Only this language (repeatable; default: every language of the stage).",
+        show_default=False,
+    ),
 ]
 
 
@@ -155,45 +164,68 @@ def base_model(params_file: ParamsFile = DEFAULT_PARAMS) -> None:
         materialize_base_model(params, paths.base_model_dir(), run)
 
 
+def each_dataset(params: Params, datasets: list[str] | None, work: Callable[[str], object]) -> None:
+    """A data stage over its datasets (all of params, or those asked): each is judged and delivered on its own, so a
+    dataset that fails its contract stops neither the others nor their outputs; the stage fails at the end with every
+    failure (DVC records no output of a failed stage, and a machine translation's chunks are cached for the rerun)."""
+    for dataset in datasets or []:
+        require_dataset(params, dataset)
+    failures: list[StageError] = []
+    for dataset in datasets or list(params.datasets):
+        try:
+            work(dataset)
+        except StageError as error:
+            logging.getLogger(__name__).error("dataset %s failed: %s", dataset, error)
+            failures.append(error)
+    if len(failures) == 1:
+        raise failures[0]
+    require(not failures, f"{len(failures)} datasets failed:\n" + "\n".join(str(error) for error in failures))
+
+
 @app.command("ingest")
-def ingest(dataset: Dataset, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
-    """Stage ingest@DATASET: the English records from the dataset's source into data/ingested/."""
+def ingest(datasets: Datasets = None, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage ingest: each dataset's English records from its source into data/ingested/DATASET.jsonl."""
     params = load(params_file)
-    require_dataset(params, dataset)
-    with tracked_stage("ingest", params, dataset=dataset) as run:
+    with tracked_stage("ingest", params) as run:
         from budget_alignment.data.ingest import ingest_dataset
 
-        ingest_dataset(params, dataset, run)
+        each_dataset(params, datasets, lambda dataset: ingest_dataset(params, dataset, run))
 
 
 @app.command("translate")
-def translate(dataset: Dataset, langs: Languages = None, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
-    """Stage translate@DATASET: the human or machine translation into each language, into data/translated/DATASET/."""
+def translate(datasets: Datasets = None, langs: LangOption = None, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage translate: each dataset's human or machine translation into each of its languages, into
+    data/translated/DATASET/LANG.jsonl."""
     from budget_alignment.data.translation_backends import check_api_keys
 
     params = load(params_file)
-    require_dataset(params, dataset)
-    for lang in langs or []:
-        entries = params.datasets[dataset].translation
-        require(lang in entries, f"datasets.{dataset}.translation has no entry for {lang!r}")
-    check_api_keys(params, dataset, langs)  # before any work: a missing key costs nothing
-    with tracked_stage("translate", params, dataset=dataset) as run:
-        from budget_alignment.data.translate import translate_dataset
+    for dataset in datasets or list(params.datasets):
+        require_dataset(params, dataset)
+        for lang in langs or []:
+            entries = params.datasets[dataset].translation
+            require(lang in entries, f"datasets.{dataset}.translation has no entry for {lang!r}")
+        check_api_keys(params, dataset, langs)  # before any work: a missing key costs nothing
+    with tracked_stage("translate", params) as run:
+        from budget_alignment.data.translate import Translators, translate_dataset
 
-        translate_dataset(params, dataset, run, langs=langs)
+        with Translators(params) as translators:  # a local translation model loads once for every dataset
+            each_dataset(
+                params,
+                datasets,
+                lambda dataset: translate_dataset(params, dataset, run, langs=langs, backends=translators),
+            )
 
 
 @app.command("normalize")
-def normalize(dataset: Dataset, langs: Languages = None, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
-    """Stage normalize@DATASET: cleaning and the per-language normalization rules, into data/normalized/DATASET/."""
+def normalize(datasets: Datasets = None, langs: LangOption = None, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage normalize: cleaning and the per-language normalization rules, into data/normalized/DATASET/LANG.jsonl."""
     params = load(params_file)
-    require_dataset(params, dataset)
     for lang in langs or []:
         require(lang in params.normalize, f"normalize has no entry for {lang!r} ({', '.join(params.normalize)})")
-    with tracked_stage("normalize", params, dataset=dataset) as run:
+    with tracked_stage("normalize", params) as run:
         from budget_alignment.data.normalize import normalize_dataset
 
-        normalize_dataset(params, dataset, run, langs=langs)
+        each_dataset(params, datasets, lambda dataset: normalize_dataset(params, dataset, run, langs=langs))
 
 
 def run_training(
@@ -281,14 +313,18 @@ def topup(lang: Lang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
 
 
 @app.command("grpo-data")
-def grpo_data(lang: Lang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
-    """Stage grpo_data@LANG: GRPO's prompts in LANG, the mixture of grpo.datasets with each one's domain."""
+def grpo_data(langs: Annotated[list[str] | None, typer.Argument(help="Only these languages (default: `languages`).",
+              show_default=False)] = None, params_file: ParamsFile = DEFAULT_PARAMS) -> None:  # fmt: skip
+    """Stage grpo_data: GRPO's prompts in each language, the mixture of grpo.datasets with each one's domain, into
+    data/grpo/LANG.jsonl."""
     params = load(params_file)
-    require_language(params, lang)
-    with tracked_stage("grpo_data", params, lang=lang) as run:
+    for lang in langs or []:
+        require_language(params, lang)
+    with tracked_stage("grpo_data", params) as run:
         from budget_alignment.train.grpo_data import gather_grpo_problems
 
-        gather_grpo_problems(params, lang, run)
+        for lang in langs or params.languages:
+            gather_grpo_problems(params, lang, run)
 
 
 @app.command("grpo")
@@ -297,7 +333,7 @@ def grpo(
     lang: Lang,
     params_file: ParamsFile = DEFAULT_PARAMS,
 ) -> None:
-    """Stage grpo@INIT-LANG: GRPO on the prompts of LANG (grpo_data@LANG) from the base or the SFT model of LANG."""
+    """Stage grpo@INIT-LANG: GRPO on the prompts of LANG (data/grpo/LANG.jsonl) from the base or LANG's SFT model."""
     from budget_alignment.train import grpo as training
 
     params = load(params_file)
@@ -348,14 +384,19 @@ def merge_members(
 
 
 @app.command("problems")
-def problems(lang: EvaluatedLang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
-    """Stage problems@LANG: the evaluation sets of LANG (their first evaluation.limit problems) in data/problems/."""
+def problems(langs: Annotated[list[str] | None, typer.Argument(help="Only these languages (default: every language "
+             "under `normalize`, English included).", show_default=False)] = None,
+             params_file: ParamsFile = DEFAULT_PARAMS) -> None:  # fmt: skip
+    """Stage problems: the evaluation sets of each language (their first evaluation.limit problems) in
+    data/problems/LANG/."""
     params = load(params_file)
-    require(lang in params.normalize, f"{lang!r} has no entry under `normalize` ({', '.join(params.normalize)})")
-    with tracked_stage("problems", params, lang=lang) as run:
+    for lang in langs or []:
+        require(lang in params.normalize, f"{lang!r} has no entry under `normalize` ({', '.join(params.normalize)})")
+    with tracked_stage("problems", params) as run:
         from budget_alignment.evaluation.problems import gather_problems
 
-        gather_problems(params, lang, run)
+        for lang in langs or list(params.normalize):
+            gather_problems(params, lang, run)
 
 
 @app.command("generate")

@@ -167,9 +167,16 @@ def data_quality_dir() -> Path:
 # --- data quality and translation
 
 
+def _part(stage: str) -> Path:
+    """A data stage's part for one dataset, `translate@chains`, as a folder: `translate/chains` (one data stage runs
+    over every dataset, and its outputs hold one folder per dataset)."""
+    name, _, dataset = stage.partition("@")
+    return Path(name, dataset)
+
+
 def data_quality_reports(stage: str) -> Path:
-    """A data stage instance's contract reports, one JSON per language: reports/data_quality/translate@chains/."""
-    return data_quality_dir() / stage
+    """A data stage's contract reports of a dataset, one JSON per language: reports/data_quality/translate/chains/."""
+    return data_quality_dir() / _part(stage)
 
 
 def data_quality_report(stage: str, lang: str) -> Path:
@@ -177,8 +184,8 @@ def data_quality_report(stage: str, lang: str) -> Path:
 
 
 def rejected_dir(stage: str) -> Path:
-    """A data stage instance's quarantined records, one jsonl per language: data_quality/rejected/ingest@math/."""
-    return data_quality_dir() / "rejected" / stage
+    """A data stage's quarantined records of a dataset, one jsonl per language: data_quality/rejected/ingest/math/."""
+    return data_quality_dir() / "rejected" / _part(stage)
 
 
 def rejected_records(stage: str, lang: str) -> Path:

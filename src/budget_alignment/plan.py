@@ -159,7 +159,7 @@ def prompt_texts(params: Params, dataset: str, lang: str, tokenizer: Any | None)
 
 
 def grpo_prompt_texts(params: Params, lang: str, tokenizer: Any | None) -> Texts:
-    """GRPO's prompts in `lang`: the mixture of `grpo.datasets` (grpo_data@{lang}), each dataset's share of it."""
+    """GRPO's prompts in `lang`: the mixture of `grpo.datasets` (stage grpo_data), each dataset's share of it."""
     from budget_alignment.train.grpo_data import mixture_counts
 
     used = [name for name, spec in params.grpo.datasets.items() if spec.weight > 0]
@@ -272,17 +272,19 @@ def plan_stages(params: Params) -> list[StageCost]:
         costs[0].train_tokens, costs[0].estimated = cost.train_tokens, cost.estimated
         costs[0].work = f"the base model's weights and its reasoning prior ({cost.work})"
         costs[0].checkpoint_bytes = cost.checkpoint_bytes
+    translation = StageCost("translate", "")
+    parts = []
     for dataset, spec in params.datasets.items():
         machine = [lang for lang, entry in spec.translation.items() if entry.machine is not None]
         english = _problems(params, dataset, "en")
         records = len(english) if english is not None else _sized(params, dataset).records
-        cost = StageCost(f"translate@{dataset}", f"{records} records into {', '.join(spec.translation)}")
+        parts.append(f"{dataset}: {records} records" + (f" (machine: {', '.join(machine)})" if machine else ""))
         if machine:
             texts = training_texts(params, dataset, "en", tokenizer, 10**9) if english else _sized(params, dataset)
-            cost.generated_tokens = sum(texts.tokens) * len(machine)
-            cost.estimated = True  # a translation's length is not known before it is made
-            cost.work += f" (machine: {', '.join(machine)})"
-        costs.append(cost)
+            translation.generated_tokens += sum(texts.tokens) * len(machine)
+            translation.estimated = True  # a translation's length is not known before it is made
+    translation.work = "; ".join(parts)
+    costs.append(translation)
     for lang in params.languages:
         sft = params.sft
         texts = training_texts(params, sft.dataset, lang, tokenizer, sft.max_length_for(lang))
@@ -352,7 +354,7 @@ def timed(params: Params, costs: Iterable[StageCost]) -> list[StageCost]:
     for cost in costs:
         cost.devices = devices if (cost.train_tokens or cost.generated_tokens) else 1
         rate = speed.generate_tokens_per_s
-        if cost.stage.startswith("translate@"):
+        if cost.stage == "translate":
             rate = speed.translate_tokens_per_s
         elif cost.stage.startswith("grpo@"):
             rate = speed.rollout_tokens_per_s or rate

@@ -3,8 +3,9 @@ reads, in one place. The CLI logs exactly these keys to the stage's MLflow run, 
 dvc.yaml tracks exactly these keys and lists every project module its command imports (tests/test_stages.py).
 
 A stage's name is its command's (`base_model` runs `budget-align base-model`) and its module's; a DVC stage instance
-adds what it runs on (`translate@chains`, `grpo@sft-ja`). Keys may name the instance's `{dataset}`, `{lang}`,
-`{init}` or `{regime}`, and `{prior}` (the dataset of the tiny base's reasoning prior).
+adds what it runs on (`sft@ja`, `grpo@sft-ja`), while the data stages run over every dataset or language in one process
+(one start-up, one file per dataset and language). Keys may name the instance's `{lang}`, `{init}` or `{regime}`, and
+`{prior}` (the dataset of the tiny base's reasoning prior).
 """
 
 from __future__ import annotations
@@ -43,23 +44,23 @@ STAGES: dict[str, Stage] = {
         # The tiny base's reasoning prior trains on {prior}'s chains, read from their sources.
         Stage("base_model", "train.base_model", ("base_model", "seed", "compute", "trust_remote_code",
               "datasets.{prior}.source", "datasets.{prior}.translation", "datasets.{prior}.limit")),
-        Stage("ingest", "data.ingest", ("datasets.{dataset}.source", "datasets.{dataset}.limit",
-              "contracts.max_rejected_fraction.ingest", "hub_mirror"), ("dataset",)),
-        Stage("translate", "data.translate", ("datasets.{dataset}.translation",
-              "contracts.max_rejected_fraction.translate", "hub_mirror", "trust_remote_code"), ("dataset",)),
-        Stage("normalize", "data.normalize", ("normalize", "contracts.max_rejected_fraction.normalize"), ("dataset",)),
+        # The data stages run over every dataset (DVC cannot track `datasets.*.source` alone: `datasets` whole).
+        Stage("ingest", "data.ingest", ("datasets", "contracts.max_rejected_fraction.ingest", "hub_mirror")),
+        Stage("translate", "data.translate", ("datasets", "contracts.max_rejected_fraction.translate", "hub_mirror",
+              "trust_remote_code")),
+        Stage("normalize", "data.normalize", ("datasets", "normalize", "contracts.max_rejected_fraction.normalize")),
         Stage("sft", "train.sft", ("sft", "prompts", "compute", "seed", *MODEL_LOADING), ("lang",)),
         # The targeted SFT top-up of the languages in topup.languages (a marker for the others).
         Stage("topup", "train.topup", ("topup", "prompts", "compute", "seed", *MODEL_LOADING), ("lang",)),
         # GRPO's prompts: the mixture of grpo.datasets (a seeded sample of the datasets after the first).
-        Stage("grpo_data", "train.grpo_data", ("grpo.datasets", "seed"), ("lang",)),
+        Stage("grpo_data", "train.grpo_data", ("grpo.datasets", "seed", "languages")),
         # The rewards are the scoring code with its thresholds.
         Stage("grpo", "train.grpo", ("grpo", "prompts", "scoring", "compute", "seed", *MODEL_LOADING),
               ("init", "lang")),
         Stage("merge", "merge", ("merge", "seed", "trust_remote_code")),
         # The GRPO models among the merge's members, as digests the merge depends on (merge.py).
         Stage("merge_members", "merge", ("merge.members", "merge.grpo_inits"), ("init",)),
-        Stage("problems", "evaluation.problems", ("evaluation.datasets", "evaluation.limit"), ("lang",)),
+        Stage("problems", "evaluation.problems", ("evaluation.datasets", "evaluation.limit", "normalize")),
         Stage("generate", "evaluation.generate", ("evaluation.datasets", *SAMPLING, "evaluation.tensor_parallel_size",
               "prompts", "seed", "compute.device", "compute.torch_threads", *MODEL_LOADING), ("regime", "lang")),
         Stage("score", "evaluation.score", ("scoring", "evaluation.k", "evaluation.datasets"), ("regime", "lang")),

@@ -1,4 +1,5 @@
-"""Stage `ingest@{dataset}`: a dataset's English records from its source, checked by the ingest contract.
+"""Stage `ingest`: each dataset's English records from its source, checked by the ingest contract (`ingest@{dataset}`
+names a dataset's part of the stage in messages and reports).
 
 Records that fail a row check are quarantined (up to `contracts.max_rejected_fraction.ingest`); the accepted ones go
 to `paths.ingested(dataset)`, which every other data stage of the dataset reads.
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def ingest_dataset(params: Params, dataset: str, run: StageRun | None = None) -> list[Problem]:
-    """Stage `ingest@{dataset}`: the English records, validated, to `paths.ingested(dataset)`."""
+    """Dataset `dataset` of stage `ingest`: the English records, validated, to `paths.ingested(dataset)`."""
     if dataset not in params.datasets:
         raise SourceError(f"dataset {dataset!r} is not in params (datasets: {', '.join(params.datasets)})")
     stage = f"ingest@{dataset}"

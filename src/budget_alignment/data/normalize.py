@@ -1,4 +1,5 @@
-"""Stage `normalize@{dataset}`: what training and evaluation read, one file per language (English included).
+"""Stage `normalize`: what training and evaluation read, one file per dataset and language (English included);
+`normalize@{dataset}` names a dataset's part of the stage in messages and reports.
 
 Every record is always cleaned: Unicode NFC, CRLF and CR to LF, no trailing blanks on a line, at most two blank
 lines in a row (`clean_text`). Then the blog's "Lightweight fixes" apply as named rules, each switched per language
@@ -364,7 +365,7 @@ def rule_counts(problems: Sequence[Problem], rules: Sequence[str]) -> dict[str, 
 def normalize_dataset(
     params: Params, dataset: str, run: StageRun | None = None, *, langs: Sequence[str] | None = None
 ) -> dict[str, list[Problem]]:
-    """Stage `normalize@{dataset}`: each language's accepted records to `paths.normalized(dataset, lang)`.
+    """Dataset `dataset` of stage `normalize`: each language's accepted records to `paths.normalized(dataset, lang)`.
 
     English reads the ingested records, other languages their translation: only what those stages accepted. Each is
     checked against English.
@@ -382,7 +383,7 @@ def normalize_dataset(
     except FileNotFoundError as error:
         stage_before = "ingest" if error.filename == str(paths.ingested(dataset)) else "translate"
         raise NormalizeError(
-            f"{error.filename} does not exist: run the {stage_before} stage of {dataset} first"
+            f"{error.filename} does not exist: run `budget-align {stage_before} {dataset}` first"
         ) from None
     except RecordError as error:
         raise NormalizeError(str(error)) from None

@@ -1,11 +1,12 @@
 """Delivering a data stage's records once its contracts are judged: the accepted ones to the stage's outputs, the
 rejected ones to the quarantine files, the counts to the stage's metrics.
 
-A data stage runs one dataset over its languages. It judges every language first; if one fails its contract (a
-table-level check, or more rejected records than `contracts.max_rejected_fraction` allows) the stage writes nothing
-and fails with every failed language's compact report. Else each language's accepted records go to their output
-and its rejected ones to `reports/data_quality/rejected/{stage}/{lang}.jsonl` (always written, empty when none, so
-the file is a DVC output like any other). Writes are atomic; a write that fails names the path.
+A data stage runs over every dataset and its languages; `deliver` takes one dataset's part (`translate@chains`). It
+judges every language first; if one fails its contract (a table-level check, or more rejected records than
+`contracts.max_rejected_fraction` allows) the part writes nothing and fails with every failed language's compact
+report. Else each language's accepted records go to their output and its rejected ones to
+`reports/data_quality/rejected/{stage}/{dataset}/{lang}.jsonl` (always written, empty when none, so the file is a DVC
+output like any other). Writes are atomic; a write that fails names the path.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def write_jsonl(path: Path, lines: Iterable[Mapping[str, Any]]) -> None:
 
 
 def deliver(stage: str, results: Sequence[LanguageResult], run: StageRun | None = None) -> dict[str, list[Problem]]:
-    """Write every language's accepted and rejected records, or nothing if one language failed its contract."""
+    """Write every language's accepted and rejected records, or nothing if one language failed its contract.
+    `stage`: a dataset's part of the stage (`translate@chains`); its MLflow metrics are named `chains.ja.<metric>`."""
+    dataset = stage.partition("@")[2]
     failed = [result.contract for result in results if not result.contract.passed]
     if failed:
         raise ContractViolation(failed)
@@ -89,8 +92,8 @@ def deliver(stage: str, results: Sequence[LanguageResult], run: StageRun | None 
                 run.add_output(output)
             run.add_output(rejected)
             metrics = {**result.metrics, **result.contract.metrics()}
-            run.log_metrics({f"{result.lang}.{name}": value for name, value in metrics.items()})
+            run.log_metrics({f"{dataset}.{result.lang}.{name}": value for name, value in metrics.items()})
             if run.active:
-                run.log_artifact(rejected, f"data_quality/{result.lang}")
+                run.log_artifact(rejected, f"data_quality/{dataset}/{result.lang}")
         delivered[result.lang] = accepted
     return delivered

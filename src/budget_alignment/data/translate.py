@@ -1,8 +1,9 @@
-"""Stage `translate@{dataset}`: English records into each target language of the dataset, one file per language.
+"""Stage `translate`: each dataset's English records into each of its target languages, one file per language.
 
 Per (dataset, language) params name either an existing human translation (a source, aligned to the English records
 by id or by position; the gold answer comes from English) or machine translation with a backend of
-translation_backends.py. One process translates every language of a dataset, so a local translator loads once.
+translation_backends.py. One process translates every language of every dataset, so a local translator loads once.
+Messages and contract reports name a dataset's part of the stage `translate@{dataset}`.
 
 Machine translation never sees what must not change: spans.py replaces math, numbers, code and choice letters by
 markers, and long texts are cut at paragraph boundaries into chunks of at most `max_chars_per_chunk`. Each chunk's
@@ -371,7 +372,7 @@ def human_translation(
 
 
 def stage_languages(params: Params, dataset: str, langs: Sequence[str] | None = None) -> list[str]:
-    """The languages `translate@{dataset}` makes: every entry of `datasets.{dataset}.translation`, or those asked."""
+    """The languages `translate` makes of `dataset`: each entry of `datasets.{dataset}.translation`, or those asked."""
     if dataset not in params.datasets:
         raise TranslationError(f"dataset {dataset!r} is not in params (datasets: {', '.join(params.datasets)})")
     entries = params.datasets[dataset].translation
@@ -379,6 +380,31 @@ def stage_languages(params: Params, dataset: str, langs: Sequence[str] | None = 
     if unknown:
         raise TranslationError(f"datasets.{dataset}.translation has no entry for {unknown[0]!r}")
     return list(langs or entries)
+
+
+class Translators:
+    """A stage's machine translation backends, one per distinct settings (the languages and datasets of a stage share
+    one): a local model loads once for the stage, and every backend closes with it."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+        self._backends: dict[MachineTranslationParams, TranslationBackend] = {}
+
+    def get(self, settings: MachineTranslationParams) -> TranslationBackend:
+        if settings not in self._backends:
+            self._backends[settings] = make_backend(settings, loading.trusts_remote_code(self.params, settings.model))
+        return self._backends[settings]
+
+    def close(self) -> None:
+        for backend in self._backends.values():
+            backend.close()
+        self._backends.clear()
+
+    def __enter__(self) -> Translators:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def translate_dataset(
@@ -389,8 +415,11 @@ def translate_dataset(
     langs: Sequence[str] | None = None,
     translator: TranslationBackend | None = None,
     cache: TranslationCache | None = None,
+    backends: Translators | None = None,
 ) -> dict[str, list[Problem]]:
-    """Stage `translate@{dataset}`: each language's accepted records to `paths.translated(dataset, lang)`."""
+    """Dataset `dataset` of stage `translate`: each language's accepted records to `paths.translated(dataset, lang)`.
+
+    `translator` replaces every machine backend; `backends`: the stage's backends, kept open for its other datasets."""
     stage = f"translate@{dataset}"
     langs = stage_languages(params, dataset, langs)
     check_api_keys(params, dataset, langs)  # before any work: a missing key costs nothing
@@ -403,8 +432,8 @@ def translate_dataset(
         raise TranslationError(str(error)) from None
     entries = params.datasets[dataset].translation
     max_fraction = params.contracts.max_rejected_fraction.translate
-    # One backend per distinct settings (the languages of a dataset share one): a local model loads once.
-    translators: dict[MachineTranslationParams, TranslationBackend] = {}
+    own_backends = backends is None
+    backends = backends or Translators(params)
     own_cache = cache is None
     results = []
     try:
@@ -419,10 +448,7 @@ def translate_dataset(
             else:
                 settings = entry.machine
                 assert settings is not None
-                backend = translator or translators.get(settings)
-                if backend is None:
-                    backend = make_backend(settings, loading.trusts_remote_code(params, settings.model))
-                    translators[settings] = backend
+                backend = translator or backends.get(settings)
                 cache = cache or TranslationCache.default()
                 bounds = (entry.min_length_ratio, entry.max_length_ratio)
                 result = machine_translate(english, lang, settings, backend, cache, length_ratio=bounds)
@@ -443,8 +469,8 @@ def translate_dataset(
             output = paths.translated(dataset, lang)
             results.append(LanguageResult(lang, records, contract, [output], details, metrics))
     finally:
-        for backend in translators.values():
-            backend.close()
+        if own_backends:
+            backends.close()
         if own_cache and cache is not None:
             cache.close()
     return deliver(stage, results, run)

@@ -406,7 +406,8 @@ def _publish(context, docs: Path, suite: str, contract: ContractOutcome, run: St
         log.warning("could not build the Data Docs site at %s: %s", docs, error)
     if run is None or not run.active:
         return
-    run.log_artifact(contract.report, f"data_quality/{contract.lang}")
+    folder = f"data_quality/{contract.stage.partition('@')[2]}/{contract.lang}"
+    run.log_artifact(contract.report, folder)
     # The full validation result (as the results store keeps it) and its rendered page.
     for path in [*(docs / ".results" / suite).rglob("*.json"), *(docs / "validations" / suite).rglob("*.html")]:
-        run.log_artifact(path, f"data_quality/{contract.lang}")
+        run.log_artifact(path, folder)

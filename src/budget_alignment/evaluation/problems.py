@@ -1,9 +1,9 @@
-"""Stage `problems@{lang}`: the evaluation problems of one language, gathered from the normalized data.
+"""Stage `problems`: the evaluation problems of each language, gathered from the normalized data.
 
 Every set of `evaluation.datasets`, its first `evaluation.limit` problems, one file per set under
-`data/problems/{lang}/`. Generation and scoring read this folder only, so a change to another language's data, or to
-a training set, reruns none of this language's evaluation (DVC cannot name one file per evaluation set in a stage's
-deps, since the sets are a param).
+`data/problems/{lang}/`. Generation and scoring of a language read its folder only, so a change to another
+language's data, or to a training set, reruns this cheap stage but none of this language's evaluation (DVC cannot
+name one file per evaluation set in a stage's deps, since the sets are a param).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def gather_problems(params: Params, lang: str, run: StageRun | None = None) -> d
     log.info("problems in %s: %s", lang, ", ".join(f"{d} {n}" for d, n in counts.items()))
     if run is not None:
         run.add_output(out)
-        run.log_metrics({f"problems.{dataset}": count for dataset, count in counts.items()})
+        run.log_metrics({f"{lang}.problems.{dataset}": count for dataset, count in counts.items()})
     return counts
 
 

@@ -1,4 +1,4 @@
-"""Stage `grpo@{init}-{lang}`: GRPO (TRL GRPOTrainer) on the prompts of one language (`grpo_data@{lang}`: the math
+"""Stage `grpo@{init}-{lang}`: GRPO (TRL GRPOTrainer) on the prompts of one language (from `grpo_data`: the math
 problems, or the mixture of `grpo.datasets`, each with its domain).
 
 `init` is where the policy starts:
@@ -297,7 +297,7 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
     stage = stage_name(init, lang)
     settings = params.grpo
     data = paths.grpo_problems(lang)
-    problems = setup.read_problems(data, f"GRPO prompts ({lang})", GrpoProblem, f"grpo_data@{lang}")
+    problems = setup.read_problems(data, f"GRPO prompts ({lang})", GrpoProblem, "the grpo_data stage")
     policy = load_policy(params, init, lang)
     tokenizer = loading.load_model_tokenizer(policy.start, params)
     setup.apply_compute(params.compute)

@@ -1,5 +1,4 @@
-"""Stage `grpo_data@{lang}`: GRPO's prompts in one language, the mixture of `grpo.datasets`, into
-`data/grpo/{lang}.jsonl`.
+"""Stage `grpo_data`: GRPO's prompts in each language, the mixture of `grpo.datasets`, into `data/grpo/{lang}.jsonl`.
 
 Each problem carries the domain of its dataset (`grpo.datasets.<name>.domain`), which the rewards judge it by: the
 accuracy reward checks it by its answer kind (math-verify for a math answer, the letter for a multiple-choice one), the
@@ -13,8 +12,8 @@ datasets are interleaved evenly, so a batch of several prompts mixes them (TRL s
 recipe's one dataset the output is that dataset's problems, unchanged and in order.
 
 The stage depends on `data/normalized` as a whole (DVC cannot list the mixture's files, since the datasets are a
-param), and GRPO on this language's file only: a change to another language's data, or to a dataset outside the
-mixture, reruns this stage but none of the training, since its output stays the same.
+param), and GRPO on its language's file only: a change to one language's data, or to a dataset outside the mixture,
+reruns this stage but no other language's training, since their files stay the same.
 """
 
 from __future__ import annotations
@@ -30,10 +29,6 @@ from budget_alignment.records import GrpoProblem, Problem, read_records, write_r
 from budget_alignment.tracking import StageRun
 
 log = logging.getLogger(__name__)
-
-
-def stage_name(lang: str) -> str:
-    return f"grpo_data@{lang}"
 
 
 def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
@@ -98,5 +93,5 @@ def gather_grpo_problems(params: Params, lang: str, run: StageRun | None = None)
     log.info("GRPO prompts in %s: %s", lang, ", ".join(f"{name} {count}" for name, count in counts.items()))
     if run is not None:
         run.add_output(out)
-        run.log_metrics({f"prompts.{name}": count for name, count in counts.items()})
+        run.log_metrics({f"{lang}.prompts.{name}": count for name, count in counts.items()})
     return counts
