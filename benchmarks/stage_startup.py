@@ -48,7 +48,7 @@ KINDS = {
         "from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache",
     ),
     "score / report": (
-        ("score@", "score_en", "report"),
+        ("score", "report"),
         "import budget_alignment.cli, budget_alignment.evaluation.score, budget_alignment.report, math_verify, lingua",
     ),
 }

@@ -159,7 +159,7 @@ def test_the_budget_tool_writes_the_measured_cost_per_stage_and_regime(project):
 
 def test_a_missing_score_file_names_the_stage(project):
     paths.score_metrics_file("merge", "es").unlink()
-    with pytest.raises(report.ReportError, match=r"run stage score@merge-es first"):
+    with pytest.raises(report.ReportError, match=r"run `budget-align score merge es` first"):
         report.build_report(project)
 
 

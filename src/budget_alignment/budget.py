@@ -29,7 +29,7 @@ def load_budgets(folder: Path | None = None) -> dict[str, dict[str, float]]:
 def regime_of_stage(stage: str) -> str | None:
     """Which regime a stage's cost belongs to: `sft@ja` -> sft, `generate@grpo_sft-fr` -> grpo_sft, ..."""
     name, _, instance = stage.partition("@")
-    if name in ("base_model", "generate_en", "score_en"):  # the English reference line is the Base model's
+    if name in ("base_model", "generate_en"):  # the English reference line is the Base model's
         return "base"
     if name in ("merge", "merge_members"):
         return "merge"
@@ -37,7 +37,7 @@ def regime_of_stage(stage: str) -> str | None:
         return "sft"
     if name == "grpo":
         return f"grpo_{instance.split('-')[0]}"
-    if name in ("generate", "score"):
+    if name == "generate":
         return instance.rsplit("-", 1)[0]
     return None
 

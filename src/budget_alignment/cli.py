@@ -412,14 +412,22 @@ def generate(regime: Regime, lang: EvaluatedLang, params_file: ParamsFile = DEFA
 
 
 @app.command("score")
-def score(regime: Regime, lang: EvaluatedLang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
-    """Stage score@REGIME-LANG: judge every cached generation of the regime; metrics into reports/scores/."""
+def score(
+    regime: Annotated[str | None, typer.Argument(help="Only this regime (with LANG).", show_default=False)] = None,
+    lang: Annotated[str | None, typer.Argument(help="Only this language (with REGIME).", show_default=False)] = None,
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage score: judge every cached generation of every evaluated regime and language (or of REGIME LANG);
+    scores into data/scores/REGIME-LANG/, metrics into reports/scores/REGIME-LANG.json."""
     params = load(params_file)
-    require_evaluated(params, regime, lang)
-    with tracked_stage("score", params, regime=regime, lang=lang) as run:
+    require((regime is None) == (lang is None), "give both REGIME and LANG, or neither (every evaluated pair)")
+    if regime is not None and lang is not None:
+        require_evaluated(params, regime, lang)
+    with tracked_stage("score", params) as run:
         from budget_alignment.evaluation.score import score_generations
 
-        score_generations(params, regime, lang, run)
+        for pair in [(regime, lang)] if regime and lang else params.evaluated_pairs():
+            score_generations(params, *pair, run)
 
 
 @app.command("report")

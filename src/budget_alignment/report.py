@@ -62,7 +62,7 @@ def load_scores(params: Params) -> dict[tuple[str, str], dict[str, dict[str, Any
         try:
             scores[(regime, lang)] = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ReportError(f"{path} is missing: run stage score@{regime}-{lang} first") from None
+            raise ReportError(f"{path} is missing: run `budget-align score {regime} {lang}` first") from None
         except json.JSONDecodeError as error:
             raise ReportError(f"{path}: not valid JSON ({error.msg})") from None
         for dataset, metrics in scores[(regime, lang)].items():

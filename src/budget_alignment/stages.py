@@ -63,7 +63,9 @@ STAGES: dict[str, Stage] = {
         Stage("problems", "evaluation.problems", ("evaluation.datasets", "evaluation.limit", "normalize")),
         Stage("generate", "evaluation.generate", ("evaluation.datasets", *SAMPLING, "evaluation.tensor_parallel_size",
               "prompts", "seed", "compute.device", "compute.torch_threads", *MODEL_LOADING), ("regime", "lang")),
-        Stage("score", "evaluation.score", ("scoring", "evaluation.k", "evaluation.datasets"), ("regime", "lang")),
+        # Every evaluated pair in one process (the judge's models load once): the regimes, languages, English line.
+        Stage("score", "evaluation.score", ("scoring", "evaluation.k", "evaluation.datasets", "evaluation.regimes",
+              "languages", "evaluation.english_reference")),
         Stage("report", "report", ("report", "languages", "profile", "evaluation.datasets", "evaluation.regimes",
               "evaluation.english_reference", "evaluation.k", "evaluation.n")),
     ]
@@ -71,6 +73,6 @@ STAGES: dict[str, Stage] = {
 
 
 def stage_of(instance: str) -> Stage:
-    """`grpo@sft-ja` -> the grpo stage; `generate_en` and `score_en` are the generate and score stages in English."""
+    """`grpo@sft-ja` -> the grpo stage; `generate_en` is the generate stage in English."""
     name = instance.partition("@")[0].removesuffix("_en")
     return STAGES[name]

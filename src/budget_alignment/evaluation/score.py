@@ -253,10 +253,12 @@ def score_files(
 def score_generations(
     params: Params, regime: str, lang: str, run: StageRun | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Stage score@REGIME-LANG: score the cached generations of every evaluation set against its problems.
+    """Stage score for one regime and language: score the cached generations of every evaluation set against its
+    problems.
 
-    Writes data/scores/REGIME-LANG/DATASET.jsonl and the metrics of every dataset to reports/scores/REGIME-LANG.json.
-    Generation and scoring are separate stages, so a change of a scoring threshold re-scores without regenerating.
+    Writes data/scores/REGIME-LANG/DATASET.jsonl and the metrics of every dataset to reports/scores/REGIME-LANG.json;
+    MLflow gets them as `REGIME.LANG.DATASET.METRIC` (one run judges every pair). Generation and scoring are separate
+    stages, so a change of a scoring threshold re-scores without regenerating.
     """
     metrics: dict[str, dict[str, Any]] = {}
     for dataset in params.evaluation.datasets:
@@ -276,5 +278,5 @@ def score_generations(
     write_json(paths.score_metrics_file(regime, lang), metrics)
     if run is not None:
         run.add_output(paths.scores_dir(regime, lang))
-        run.log_metrics(flatten(metrics))
+        run.log_metrics(flatten({regime: {lang: metrics}}))
     return metrics
