@@ -178,6 +178,27 @@ def test_the_lock_holds_only_the_stages_of_dvc_yaml():
     assert not sorted(set(locked) - set(dvc_stages())), "dvc.lock holds stages that dvc.yaml no longer defines"
 
 
+def test_training_and_generation_depend_only_on_their_languages_data():
+    """The data stages run over every language in one process, but their outputs are one file per language: a stage
+    that trains or generates for a language depends on that language's files only, so a change to another language's
+    data (e.g. `-S normalize.ja.<rule>=...`, which changes only the Japanese files) reruns none of it."""
+    per_language = ("data/normalized/", "data/problems/", "data/grpo/", "data/translated/")
+    checked = 0
+    for name, stage in dvc_stages().items():
+        kind, instance = instance_of(name, stage["cmd"])
+        if kind not in ("sft", "topup", "grpo", "generate"):
+            continue
+        lang = instance["lang"]
+        data = [dep for dep in stage["deps"] if dep.startswith(tuple(p.rstrip("/") for p in per_language))]
+        assert data, f"{name} reads no language data"
+        for dep in data:
+            assert dep.startswith(per_language) and (
+                f"/{lang}/" in dep or dep.endswith((f"/{lang}", f"/{lang}.jsonl"))
+            ), f"{name} depends on {dep}, not on {lang}'s files alone"
+        checked += 1
+    assert checked >= 4
+
+
 def test_stages_that_read_bundled_sets_depend_on_them():
     for name, stage in dvc_stages().items():
         kind, _ = instance_of(name, stage["cmd"])

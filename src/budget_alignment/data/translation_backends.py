@@ -132,7 +132,7 @@ def require_api_key(settings: MachineTranslationParams) -> str | None:
 
 
 def check_api_keys(params: Params, dataset: str, langs: Sequence[str] | None = None) -> None:
-    """Every key the machine translations of `translate@{dataset}` (or of `langs`) need is in the environment."""
+    """Every key the machine translations of `dataset` (or of its `langs`) need is in the environment."""
     entries = params.datasets[dataset].translation
     for lang in langs or list(entries):
         machine = entries[lang].machine
