@@ -69,10 +69,12 @@ app = typer.Typer(
 
 ParamsFile = Annotated[Path, typer.Option("--params", "-p", help="Parameters file (composed by DVC from conf/).")]
 DEFAULT_PARAMS = Path("params.yaml")
-Dataset = Annotated[str, typer.Argument(help="A dataset name from params (`datasets.<name>`).")]
 Lang = Annotated[str, typer.Argument(help="A target language (one of `languages`).")]
 Regime = Annotated[str, typer.Argument(help="base, sft, grpo_base, grpo_sft or merge.")]
 EvaluatedLang = Annotated[str, typer.Argument(help="The language asked in (one of `languages`, or en).")]
+Langs = Annotated[
+    list[str] | None, typer.Argument(help="Only these languages (default: all of the stage).", show_default=False)
+]
 Datasets = Annotated[
     list[str] | None, typer.Argument(help="Only these datasets (default: every one of params).", show_default=False)
 ]
@@ -313,10 +315,9 @@ def topup(lang: Lang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
 
 
 @app.command("grpo-data")
-def grpo_data(langs: Annotated[list[str] | None, typer.Argument(help="Only these languages (default: `languages`).",
-              show_default=False)] = None, params_file: ParamsFile = DEFAULT_PARAMS) -> None:  # fmt: skip
-    """Stage grpo_data: GRPO's prompts in each language, the mixture of grpo.datasets with each one's domain, into
-    data/grpo/LANG.jsonl."""
+def grpo_data(langs: Langs = None, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage grpo_data: GRPO's prompts in each language of `languages`, the mixture of grpo.datasets with each one's
+    domain, into data/grpo/LANG.jsonl."""
     params = load(params_file)
     for lang in langs or []:
         require_language(params, lang)
@@ -384,11 +385,9 @@ def merge_members(
 
 
 @app.command("problems")
-def problems(langs: Annotated[list[str] | None, typer.Argument(help="Only these languages (default: every language "
-             "under `normalize`, English included).", show_default=False)] = None,
-             params_file: ParamsFile = DEFAULT_PARAMS) -> None:  # fmt: skip
-    """Stage problems: the evaluation sets of each language (their first evaluation.limit problems) in
-    data/problems/LANG/."""
+def problems(langs: Langs = None, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
+    """Stage problems: the evaluation sets (their first evaluation.limit problems) of each language under `normalize`,
+    English included, in data/problems/LANG/."""
     params = load(params_file)
     for lang in langs or []:
         require(lang in params.normalize, f"{lang!r} has no entry under `normalize` ({', '.join(params.normalize)})")
