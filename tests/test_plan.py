@@ -44,12 +44,16 @@ def test_planned_tokens_are_exact_when_max_steps_cuts_an_epoch(project, max_step
 
 @pytest.mark.slow
 def test_planned_rollout_tokens_are_the_tokens_grpo_samples_when_a_batch_serves_two_steps(project):
-    """num_iterations 2 over 3 steps: rollouts sampled at steps 1 and 3 only (the tiny model never stops early)."""
+    """num_iterations 2 over 3 steps: rollouts sampled at steps 1 and 3 only (the tiny model never stops early), for
+    the prompts TRL's seeded sampler draws (the plan replays it; prompts differ in length, so a wrong draw shows)."""
     params = tiny_params(grpo=FAST_GRPO | {"max_steps": 3, "num_iterations": 2})
     (cost,) = [c for c in plan.plan_stages(params) if c.stage == "grpo@base-ja"]
+    texts = plan.grpo_prompt_texts(params, "ja", plan._tokenizer(params))
+    assert not texts.estimated and len(set(texts.tokens)) > 1
     metrics = grpo.train_grpo(params, "base", "ja")
     assert metrics["global_step"] == 3
     assert cost.generated_tokens == metrics["tokens_generated"] == 2 * 2 * 12  # 2 batches x 2 rollouts x 12 tokens
+    assert cost.train_tokens == metrics["tokens_trained"]
 
 
 def test_without_the_tokenizer_the_tokens_are_estimated_and_say_so(tmp_path, monkeypatch):

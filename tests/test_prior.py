@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from budget_alignment import loading, paths, prompts
+from budget_alignment import loading, paths, plan, prompts
 from budget_alignment.train import prior
 from budget_alignment.train import trainer_setup as setup
 from test_train_helpers import FAST_SFT, bundled_rows, composed, save_tiny_model, tiny_params, tiny_tokenizer
@@ -49,15 +49,19 @@ def test_a_question_language_without_a_human_translation_is_refused():
 
 
 @pytest.mark.slow
-def test_the_prior_is_merged_into_the_model_folder(tmp_path, monkeypatch):
+def test_the_prior_is_merged_into_the_model_folder_and_trains_the_tokens_the_plan_counts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the plan reads the base's tokenizer where the pipeline puts it
     monkeypatch.setenv("BUDGET_ALIGNMENT_CACHE", str(tmp_path / ".cache"))
-    folder = save_tiny_model(tmp_path / "base")
+    folder = save_tiny_model(tmp_path / paths.base_model_dir())
     before = load_file(folder / "model.safetensors")
     params = tiny_params(**{"base_model.reasoning_prior": PRIOR})
+    (planned,) = [cost for cost in plan.plan_stages(params) if cost.stage == "base_model"]
 
     metrics = prior.apply_reasoning_prior(params, folder)
 
     assert metrics["global_step"] == 2 and metrics["examples"] == 120 and metrics["tokens_trained"] > 0
+    # Every example mixes languages (the question in one, the reasoning in English): counted as the stage builds it.
+    assert not planned.estimated and planned.train_tokens == metrics["tokens_trained"]
     after = load_file(folder / "model.safetensors")
     assert set(after) == set(before)  # a plain model: the LoRA is merged, no adapter weights left
     assert not (folder / "adapter_config.json").exists()

@@ -158,9 +158,35 @@ def prompt_texts(params: Params, dataset: str, lang: str, tokenizer: Any | None)
     return Texts(len(problems), [round(len(p.question) / params.plan.chars_per_token) for p in problems], True)
 
 
+def prior_texts(params: Params, tokenizer: Any | None) -> Texts:
+    """The tiny base's reasoning prior as base_model builds it (train/prior.py): each chain asked in every question
+    language, reasoned in English; exact with the tokenizer, else estimated from each language's chains."""
+    from budget_alignment.train.prior import prior_chains, prior_examples
+
+    prior = params.base_model.reasoning_prior
+    max_length = max(prior.training.max_length_for(lang) for lang in prior.question_languages)
+    if tokenizer is not None:
+        examples = prior_examples(prior_chains(params), tokenizer, prior.question_languages)
+        ids = tokenizer([e["prompt"] + e["completion"] for e in examples])["input_ids"]
+        return Texts(len(examples), [min(len(i), max_length) for i in ids], estimated=False)
+    texts = [training_texts(params, prior.dataset, lang, None, max_length) for lang in prior.question_languages]
+    return Texts(sum(t.records for t in texts), [n for t in texts for n in t.tokens], estimated=True)
+
+
 def grpo_prompt_texts(params: Params, lang: str, tokenizer: Any | None) -> Texts:
-    """GRPO's prompts in `lang`: the mixture of `grpo.datasets` (stage grpo_data), each dataset's share of it."""
+    """GRPO's prompts in `lang`: exact once stage grpo_data has written them (the rows GRPO trains on, over-long
+    prompts left out), else the mixture of `grpo.datasets`, each dataset's share of it."""
     from budget_alignment.train.grpo_data import mixture_counts
+
+    written = paths.grpo_problems(lang)
+    if tokenizer is not None and written.is_file():
+        from budget_alignment.records import GrpoProblem
+        from budget_alignment.train.grpo import grpo_dataset
+
+        problems = read_records(written, GrpoProblem)
+        rows = grpo_dataset(problems, tokenizer, params.prompts, params.grpo.max_prompt_length)
+        ids = tokenizer(list(rows["prompt"]), add_special_tokens=False)["input_ids"]
+        return Texts(len(ids), [len(i) for i in ids], estimated=False)
 
     used = [name for name, spec in params.grpo.datasets.items() if spec.weight > 0]
     parts = [prompt_texts(params, name, lang, tokenizer) for name in used]
@@ -169,6 +195,20 @@ def grpo_prompt_texts(params: Params, lang: str, tokenizer: Any | None) -> Texts
         part.tokens[i % len(part.tokens)] for part, count in zip(parts, counts, strict=True) for i in range(count)
     ]
     return Texts(sum(counts), tokens, any(part.estimated for part in parts))
+
+
+def grpo_prompt_draws(records: int, rounds: int, per_round: int, seed: int) -> list[int]:
+    """The prompts (indices) GRPO samples its `rounds` batches of rollouts for, `per_round` prompts a batch, as TRL's
+    `RepeatSampler` draws them: a permutation from a generator seeded once (a new one each epoch), cut into batches,
+    an incomplete last batch left out."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    drawn: list[int] = []
+    while len(drawn) < rounds * per_round:
+        order = torch.randperm(records, generator=generator).tolist()
+        drawn += order[: len(order) - len(order) % per_round]
+    return drawn[: rounds * per_round]
 
 
 def _sized(params: Params, dataset: str) -> Texts:
@@ -263,12 +303,8 @@ def plan_stages(params: Params) -> list[StageCost]:
     costs = [StageCost("base_model", "the base model's weights", output_bytes=model_bytes(params, dtype))]
     prior = params.base_model.reasoning_prior
     if prior is not None:
-        texts = [training_texts(params, prior.dataset, lang, tokenizer, 10**9) for lang in prior.question_languages]
-        # The prior's examples mix languages (the question in each, the reasoning in English): always estimated.
-        joined = Texts(sum(t.records for t in texts), [n for t in texts for n in t.tokens], estimated=True)
-        max_length = max(prior.training.max_length_for(lang) for lang in prior.question_languages)
-        joined.tokens = [min(n, max_length) for n in joined.tokens]
-        cost = training_cost(params, "base_model", joined, prior.training, dtype, prior_stage.BATCH_KEY)
+        cost = training_cost(params, "base_model", prior_texts(params, tokenizer), prior.training, dtype,
+                             prior_stage.BATCH_KEY)  # fmt: skip
         costs[0].train_tokens, costs[0].estimated = cost.train_tokens, cost.estimated
         costs[0].work = f"the base model's weights and its reasoning prior ({cost.work})"
         costs[0].checkpoint_bytes = cost.checkpoint_bytes
@@ -310,14 +346,18 @@ def plan_stages(params: Params) -> list[StageCost]:
                 rounds = math.ceil(per_epoch * grpo.num_train_epochs)
                 steps = rounds * grpo.num_iterations
             rollouts = grpo.prompts_per_step * grpo.num_generations
-            mean_prompt = sum(texts.tokens) / max(1, len(texts.tokens))
+            if texts.estimated:  # the mean prompt
+                prompt_tokens = rounds * rollouts * sum(texts.tokens) / max(1, len(texts.tokens))
+            else:  # the prompts TRL's sampler will draw
+                drawn = grpo_prompt_draws(texts.records, rounds, grpo.prompts_per_step, params.seed)
+                prompt_tokens = grpo.num_generations * sum(texts.tokens[i] for i in drawn)
             costs.append(
                 StageCost(
                     f"grpo@{init}-{lang}",
                     f"{steps} steps of {grpo.prompts_per_step} prompt(s) x {grpo.num_generations} rollouts"
                     + (f", sampled every {grpo.num_iterations} steps" if grpo.num_iterations > 1 else ""),
                     # As TRL counts them (num_input_tokens_seen): each sampled prompt and completion once.
-                    train_tokens=round(rounds * rollouts * (mean_prompt + grpo.max_completion_length)),
+                    train_tokens=round(prompt_tokens + rounds * rollouts * grpo.max_completion_length),
                     train_passes=grpo.num_iterations,
                     generated_tokens=rounds * rollouts * grpo.max_completion_length,
                     output_bytes=lora_bytes,
