@@ -129,6 +129,12 @@ def _problems(params: Params, dataset: str, lang: str) -> list[Problem] | None:
     return records[: spec.limit] if spec.limit else records
 
 
+def example_tokens(examples: list[dict], tokenizer: Any, max_length: int) -> list[int]:
+    """Tokens of each training example (prompt and completion) as the trainer reads it, cut at max_length."""
+    ids = tokenizer([e["prompt"] + e["completion"] for e in examples])["input_ids"]
+    return [min(len(i), max_length) for i in ids]
+
+
 def training_texts(params: Params, dataset: str, lang: str, tokenizer: Any | None, max_length: int) -> Texts:
     """Tokens of each training example (prompt and completion, cut at max_length) as the SFT stage builds them."""
     problems = _problems(params, dataset, lang)
@@ -138,8 +144,7 @@ def training_texts(params: Params, dataset: str, lang: str, tokenizer: Any | Non
         from budget_alignment.train.sft import sft_examples
 
         examples = sft_examples(problems, tokenizer, params.prompts)
-        ids = tokenizer([e["prompt"] + e["completion"] for e in examples])["input_ids"]
-        return Texts(len(problems), [min(len(i), max_length) for i in ids], estimated=problems[0].lang != lang)
+        return Texts(len(problems), example_tokens(examples, tokenizer, max_length), problems[0].lang != lang)
     chars = [len(p.question) + len(p.solution or "") for p in problems]
     return Texts(len(problems), [min(round(c / params.plan.chars_per_token), max_length) for c in chars], True)
 
@@ -167,8 +172,7 @@ def prior_texts(params: Params, tokenizer: Any | None) -> Texts:
     max_length = max(prior.training.max_length_for(lang) for lang in prior.question_languages)
     if tokenizer is not None:
         examples = prior_examples(prior_chains(params), tokenizer, prior.question_languages)
-        ids = tokenizer([e["prompt"] + e["completion"] for e in examples])["input_ids"]
-        return Texts(len(examples), [min(len(i), max_length) for i in ids], estimated=False)
+        return Texts(len(examples), example_tokens(examples, tokenizer, max_length), estimated=False)
     texts = [training_texts(params, prior.dataset, lang, None, max_length) for lang in prior.question_languages]
     return Texts(sum(t.records for t in texts), [n for t in texts for n in t.tokens], estimated=True)
 
@@ -198,16 +202,14 @@ def grpo_prompt_texts(params: Params, lang: str, tokenizer: Any | None) -> Texts
 
 
 def grpo_prompt_draws(records: int, rounds: int, per_round: int, seed: int) -> list[int]:
-    """The prompts (indices) GRPO samples its `rounds` batches of rollouts for, `per_round` prompts a batch, as TRL's
-    `RepeatSampler` draws them: a permutation from a generator seeded once (a new one each epoch), cut into batches,
-    an incomplete last batch left out."""
-    import torch
+    """The prompts (indices) GRPO samples its `rounds` batches of rollouts for, `per_round` prompts a batch: drawn by
+    the sampler GRPOTrainer builds (TRL's seeded `RepeatSampler`, one pass of it an epoch), its repeats left out."""
+    from trl.trainer.utils import RepeatSampler
 
-    generator = torch.Generator().manual_seed(seed)
+    sampler = RepeatSampler(range(records), mini_repeat_count=1, batch_size=per_round, shuffle=True, seed=seed)
     drawn: list[int] = []
     while len(drawn) < rounds * per_round:
-        order = torch.randperm(records, generator=generator).tolist()
-        drawn += order[: len(order) - len(order) % per_round]
+        drawn += list(sampler)
     return drawn[: rounds * per_round]
 
 
