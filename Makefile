@@ -48,13 +48,13 @@ ui: setup
 	$(BIN)/budget-align ui --port $(MLFLOW_PORT)
 
 lint: setup-dev
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks hydra_plugins
+	$(BIN)/ruff format --check src tests benchmarks hydra_plugins
 	$(BIN)/lint-imports
 
 format: setup-dev
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks hydra_plugins
+	$(BIN)/ruff check --fix src tests benchmarks hydra_plugins
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -37,11 +37,10 @@ STAGE_BOUND_BYTES = 6 * 10**9
 
 
 def compose(workdir: Path, overrides: list[str]) -> Path:
-    from dvc.utils.hydra import compose_and_dump
+    from budget_alignment.cli import compose as compose_params
 
     out = workdir / "params.yaml"
-    conf = str(ROOT / "conf")
-    compose_and_dump(out, conf, None, "config", conf, overrides)
+    compose_params(out, ROOT / "conf", overrides)
     return out
 
 

@@ -133,6 +133,9 @@ INVALID = [
     ({"normalize.de": {}}, "normalize"),
     ({"trust_remote_code": ["someone/else"]}, "trust_remote_code"),
     ({"base_model.trust_remote_code": True}, "base_model.trust_remote_code"),
+    # Edited by hand instead of composed: the stages dvc.yaml generates would not be these params' (stage_instances).
+    ({"grpo.init": ["sft"]}, "stage_instances"),
+    ({"grpo.reference": "sft"}, "stage_instances"),
 ]
 
 

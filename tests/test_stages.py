@@ -125,7 +125,8 @@ def dvc_stages() -> dict[str, dict]:
         for stage in repo.index.stages:
             params = [key for dep in stage.deps if hasattr(dep, "params") for key in (dep.params or [])]
             deps = [dep.def_path for dep in stage.deps if not hasattr(dep, "params")]
-            stages[stage.addressing] = {"cmd": stage.cmd, "deps": deps, "params": params}
+            outs = [out.def_path for out in stage.outs]
+            stages[stage.addressing] = {"cmd": stage.cmd, "deps": deps, "params": params, "outs": outs}
     return stages
 
 
@@ -197,6 +198,51 @@ def test_training_and_generation_depend_only_on_their_languages_data():
             ), f"{name} depends on {dep}, not on {lang}'s files alone"
         checked += 1
     assert checked >= 4
+
+
+def test_training_and_generation_read_shared_models_or_their_languages():
+    """A stage of one language depends on the base, the merge or that language's models, never on a regime's folder of
+    every language (params.yaml's stage_instances name the folders: DVC's matrix cannot)."""
+    checked = 0
+    for name, stage in dvc_stages().items():
+        kind, instance = instance_of(name, stage["cmd"])
+        if kind not in ("sft", "topup", "grpo", "generate"):
+            continue
+        for dep in stage["deps"]:
+            if dep.startswith("data/models/"):
+                assert dep in ("data/models/base", "data/models/merge") or dep.endswith(f"/{instance['lang']}"), (
+                    f"{name} depends on {dep}"
+                )
+        checked += 1
+    assert checked >= 4
+
+
+def overlap(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def test_a_change_to_one_languages_data_reruns_that_languages_work_alone():
+    """`-S normalize.ja.<rule>=...` changes the Japanese files of data/normalized/ alone (tests/test_data_stages.py).
+    Walking dvc.yaml from there, as DVC does, reaches Japanese work, the merge (the Japanese SFT model is a member) and
+    what samples the merge, and no other language's training or generation. A stage that runs over every language
+    changes only that language's files of its outputs (its outputs are one file or folder per language)."""
+    stages = dvc_stages()
+    changed = ["data/normalized/chains/ja.jsonl", "data/normalized/math/ja.jsonl"]
+    reached: set[str] = set()
+    grew = True
+    while grew:
+        grew = False
+        for name, stage in stages.items():
+            if name in reached or not any(overlap(dep, path) for dep in stage["deps"] for path in changed):
+                continue
+            reached.add(name)
+            grew = True
+            per_language = "lang" not in instance_of(name, stage["cmd"])[1] and "@" not in name
+            for out in stage["outs"]:
+                changed += [f"{out}/ja", f"{out}/ja.jsonl"] if per_language else [out]
+    others = sorted(name for name in reached if "@" in name and not name.endswith("-ja") and not name.endswith("@ja"))
+    assert others == [f"generate@merge-{lang}" for lang in ("es", "fr")], others
+    assert {"sft@ja", "grpo@sft-ja", "generate@grpo_sft-ja", "merge", "report"} <= reached
 
 
 def test_stages_that_read_bundled_sets_depend_on_them():

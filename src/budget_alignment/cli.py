@@ -460,8 +460,10 @@ def compose(output: Path, config_dir: Path, overrides: list[str] | None) -> Para
     from dvc.utils.hydra import compose_and_dump
 
     from budget_alignment.params import ParamsError, load_params
+    from budget_alignment.stages import register_resolver
 
     require((config_dir / "config.yaml").is_file(), f"{config_dir}/config.yaml not found")
+    register_resolver()  # DVC registers it through hydra_plugins/
     compose_and_dump(output, str(config_dir.resolve()), None, "config", str(config_dir.resolve()), overrides or [])
     try:
         return load_params(output)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from budget_alignment import paths
 from budget_alignment.errors import StageError
 from budget_alignment.languages import supported_languages
+from budget_alignment.stages import stage_instances
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
@@ -670,6 +671,9 @@ class Params(Section):
     plan: PlanParams | None = None
     # The models whose own Python code (a hub repository's modeling_*.py) may run when loaded; none by default.
     trust_remote_code: list[str] = []
+    # Derived from the keys above when Hydra composes params.yaml (conf/config.yaml): the grpo and generate stages of
+    # dvc.yaml with the model folders each reads. None where params are built in code.
+    stage_instances: dict[str, dict[str, dict[str, Any]]] | None = None
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Params:
@@ -725,9 +729,18 @@ class Params(Section):
                 )
         if int(self.report.accuracy_metric.removeprefix("pass@")) not in self.evaluation.k:
             errors.append(f"report.accuracy_metric: {self.report.accuracy_metric} needs its k in evaluation.k")
+        if self.stage_instances is not None and self.stage_instances != self.derived_stage_instances():
+            errors.append(
+                "stage_instances: not what languages, grpo.init, grpo.reference and evaluation.regimes give (the "
+                "stages DVC runs would not be these params'): compose params.yaml from conf/ "
+                "(`budget-align compose-params`) instead of editing it"
+            )
         if errors:
             raise ValueError("\n".join(errors))
         return self
+
+    def derived_stage_instances(self) -> dict[str, dict[str, dict[str, Any]]]:
+        return stage_instances(self.grpo.init, self.evaluation.regimes, self.languages, self.grpo.reference)
 
     def _check_dataset_role(self, errors: list[str], key: str, name: str, role: str) -> None:
         if name not in self.datasets:

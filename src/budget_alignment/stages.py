@@ -10,8 +10,11 @@ adds what it runs on (`sft@ja`, `grpo@sft-ja`), while the data stages run over e
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from budget_alignment import paths
 
 
 @dataclass(frozen=True)
@@ -76,3 +79,79 @@ def stage_of(instance: str) -> Stage:
     """`grpo@sft-ja` -> the grpo stage; `generate_en` is the generate stage in English."""
     name = instance.partition("@")[0].removesuffix("_en")
     return STAGES[name]
+
+
+# --- the model folders of the grpo and generate stages ---------------------------------------------------------------
+# DVC's matrix cannot map a regime to one language's model folder (`data/models/sft/ja`, but `data/models/base` for
+# every language), so dvc.yaml generates these stages from `stage_instances` in params.yaml: each instance with the
+# model folders it may read, all of them shared (base, merge) or its language's own. A change to one language's data
+# then reruns that language's models and evaluation only. Hydra derives the section from the keys it depends on when it
+# composes params.yaml (conf/config.yaml), through the resolver below, which hydra_plugins/ registers in DVC's process.
+
+RESOLVER = "stage_instances"
+# A stage reads up to this many model folders beside the base; dvc.yaml lists `${item.models[0]}` to `[2]`, and an
+# instance that reads fewer repeats the base (DVC hashes a folder once, however often it is listed).
+MODEL_SLOTS = 3
+
+
+def _folder(model: str) -> str:
+    return paths.model_dir(model).as_posix()
+
+
+def _sft_start(lang: str) -> list[str]:
+    """Where GRPO from SFT starts in `lang`: the SFT model, or its top-up (fixed bytes when switched off)."""
+    return [_folder(f"sft-{lang}"), _folder(f"topup-{lang}")]
+
+
+def models_read(regime: str, lang: str) -> list[str]:
+    """The folders besides the base that a regime's model in `lang` may load from: the model and, for GRPO from SFT,
+    where it started. An adapter loads the parent it records (`loading.adapter_parent`), the base or one of these."""
+    if regime == "base":
+        return []
+    if regime in paths.REGIMES_WITH_ONE_MODEL:
+        return [_folder(regime)]
+    own = _folder(f"{regime}-{lang}")
+    return [*_sft_start(lang), own] if regime == "grpo_sft" else [own]
+
+
+def grpo_models(init: str, lang: str, reference: str) -> list[str]:
+    """What grpo@{init}-{lang} reads besides the base: the policy's start and the KL term's reference."""
+    start = [] if init == "base" else _sft_start(lang)
+    return list(dict.fromkeys([*start, *([] if reference == "base" else [_folder(f"sft-{lang}")])]))
+
+
+def _slots(models: list[str]) -> list[str]:
+    assert len(models) <= MODEL_SLOTS, models
+    return models + [paths.base_model_dir().as_posix()] * (MODEL_SLOTS - len(models))
+
+
+def stage_instances(
+    inits: Iterable[str], regimes: Iterable[str], languages: Iterable[str], reference: str
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """`stage_instances` of params.yaml: dvc.yaml's grpo@{init}-{lang} and generate@{regime}-{lang}, each with its
+    model folders (`models`, MODEL_SLOTS long). The arguments are OmegaConf lists where Hydra calls it."""
+    languages = list(languages)
+    return {
+        "grpo": {
+            f"{init}-{lang}": {"init": init, "lang": lang, "models": _slots(grpo_models(init, lang, reference))}
+            for init in inits
+            for lang in languages
+        },
+        "generate": {
+            f"{regime}-{lang}": {"regime": regime, "lang": lang, "models": _slots(models_read(regime, lang))}
+            for regime in regimes
+            for lang in languages
+        },
+    }
+
+
+def register_resolver() -> None:
+    """Make `${stage_instances:...}` known to OmegaConf (conf/config.yaml), in this process."""
+    from omegaconf import OmegaConf
+
+    def resolve(inits: Any, regimes: Any, languages: Any, reference: str) -> Any:
+        # A container, which OmegaConf.resolve (DVC's composition) puts in place of the interpolation.
+        return OmegaConf.create(stage_instances(inits, regimes, languages, reference))
+
+    if not OmegaConf.has_resolver(RESOLVER):
+        OmegaConf.register_new_resolver(RESOLVER, resolve)
