@@ -137,7 +137,7 @@ def tiny_params(**sections: Any) -> Params:
     """The tiny profile's params with some sections updated (nested keys merged), validated again."""
     data = yaml.safe_load(composed())
     data["tracking"]["enabled"] = False  # unless a test asks for it
-    # Params built in code run no DVC stage: the stages derived from the composed keys would not follow the changes.
+    # Derived from the keys changed below, as Hydra derives it when it composes (a project's dvc.yaml reads it).
     del data["stage_instances"]
     for section, changes in sections.items():
         target = data
@@ -145,7 +145,8 @@ def tiny_params(**sections: Any) -> Params:
         for part in parents:
             target = target[part]
         target[last] = {**(target.get(last) or {}), **changes} if isinstance(changes, dict) else changes
-    return Params.model_validate(data)
+    params = Params.model_validate(data)
+    return params.model_copy(update={"stage_instances": params.derived_stage_instances()})
 
 
 FAST_SFT = {
