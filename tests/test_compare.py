@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -133,6 +134,26 @@ def test_experiments_come_from_dvc_exp_show_each_with_its_params_and_results():
     assert comparison.experiments[1].params["grpo.clip_high"] == 0.24
     assert comparison.experiments[1].metrics["grpo_sft.ja.college_math.pass@1"] == pytest.approx(0.22)
     assert dict(comparison.pending) == {"broken": "failed", "waiting": "queued"}
+    assert compare.changed_params(comparison.experiments) == ["grpo.clip_high", "normalize.ja.compact_numeral_spacing"]
+
+
+def test_the_derived_stage_instances_are_no_changed_param():
+    """params.yaml's stage_instances follow other keys (Hydra derives them): never an experiment's own change."""
+    show = json.loads(SHOW.read_text())
+
+    def with_instances(node: Any, depth: int = 0) -> None:
+        if isinstance(node, dict):
+            data = (node.get("params") or {}).get("params.yaml", {}).get("data")
+            if isinstance(data, dict):
+                data["stage_instances"] = {"grpo": {f"base-ja{depth}": {"models": [f"data/models/{depth}"]}}}
+            for value in node.values():
+                with_instances(value, depth + 1)
+        elif isinstance(node, list):
+            for value in node:
+                with_instances(value, depth + 1)
+
+    with_instances(show)
+    comparison = compare.experiments_of(show)
     assert compare.changed_params(comparison.experiments) == ["grpo.clip_high", "normalize.ja.compact_numeral_spacing"]
 
 

@@ -84,6 +84,8 @@ def _data(entry: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]] |
     if entry.get("error") or not metrics:
         return None
     params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
+    # Derived from other keys when Hydra composes the file (the stages DVC generates): never a knob of its own.
+    params = {key: value for key, value in params.items() if key != "stage_instances"}
     return flatten(params), {k: v for k, v in flatten(metrics).items() if isinstance(v, int | float)}
 
 
