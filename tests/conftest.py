@@ -7,12 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from test_train_helpers import worker_threads
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small extracts of real public data, with their sources and licenses (fixtures/README.md): the suite needs nothing
 # outside the repository.
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Before torch is imported: this process's threads, and those of every process it starts that sets none of its own.
+os.environ.setdefault("OMP_NUM_THREADS", str(worker_threads()))
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 

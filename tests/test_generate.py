@@ -13,7 +13,7 @@ from budget_alignment.evaluation import generate
 from budget_alignment.evaluation.problems import problems_file
 from budget_alignment.params import load_params
 from budget_alignment.records import Completion, Problem, read_records, write_records
-from test_train_helpers import save_tiny_model
+from test_train_helpers import save_tiny_model, worker_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,8 @@ def tiny_params(**evaluation):
         "limit": None,
         "temperature": 1.0,
     } | evaluation
-    return params.model_copy(update={"evaluation": params.evaluation.model_copy(update=settings)})
+    compute = params.compute.model_copy(update={"torch_threads": worker_threads()})
+    return params.model_copy(update={"evaluation": params.evaluation.model_copy(update=settings), "compute": compute})
 
 
 def completions(folder: Path) -> list[Completion]:

@@ -23,6 +23,16 @@ from budget_alignment.params import Params, PromptParams
 from budget_alignment.records import GrpoProblem, Problem, write_records
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def worker_threads() -> int:
+    """The torch threads of one test process: its worker's share of the cores. pytest-xdist's workers (and the stages
+    they start) run side by side, and torch's threads spin while they wait, so two processes of two threads each on
+    two cores take twice as long as two of one thread each (benchmarks/RESULTS.md, "The test suite")."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 CHATML = (
     "{% for message in messages %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -137,6 +147,7 @@ def tiny_params(**sections: Any) -> Params:
     """The tiny profile's params with some sections updated (nested keys merged), validated again."""
     data = yaml.safe_load(composed())
     data["tracking"]["enabled"] = False  # unless a test asks for it
+    data["compute"]["torch_threads"] = worker_threads()  # the stages set their threads from params
     # Derived from the keys changed below, as Hydra derives it when it composes (a project's dvc.yaml reads it).
     del data["stage_instances"]
     for section, changes in sections.items():
@@ -207,8 +218,8 @@ def enter_project(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def subprocess_env(root: Path) -> dict[str, str]:
-    # One thread per process: the tests share two cores with the rest of the suite.
-    return {**os.environ, "BUDGET_ALIGNMENT_CACHE": str(root / ".cache"), "OMP_NUM_THREADS": "1"}
+    # The worker waits on the process: its share of the cores goes to it.
+    return {**os.environ, "BUDGET_ALIGNMENT_CACHE": str(root / ".cache"), "OMP_NUM_THREADS": str(worker_threads())}
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 180) -> None:
