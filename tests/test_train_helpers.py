@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def worker_threads() -> int:
     """The torch threads of one test process: its worker's share of the cores. pytest-xdist's workers (and the stages
     they start) run side by side, and torch's threads spin while they wait, so two processes of two threads each on
-    two cores take twice as long as two of one thread each (benchmarks/RESULTS.md, "The test suite")."""
+    two cores train several times slower than two of one thread each (benchmarks/thread_sharing.py)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
