@@ -16,7 +16,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Before torch is imported: this process's threads, and those of every process it starts that sets none of its own.
-os.environ.setdefault("OMP_NUM_THREADS", str(worker_threads()))
+# A pytest-xdist worker inherits the controller's environment, so a worker sets its own share whatever it inherited.
+if "PYTEST_XDIST_WORKER" in os.environ or "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(worker_threads())
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 

@@ -13,7 +13,15 @@ import yaml
 
 from budget_alignment import loading, paths, plan
 from budget_alignment.train import launch, sft, trainer_setup
-from test_train_helpers import FAST_SFT, REPO, enter_project, subprocess_env, tiny_params, write_params
+from test_train_helpers import (
+    FAST_SFT,
+    REPO,
+    enter_project,
+    subprocess_env,
+    tiny_params,
+    worker_threads,
+    write_params,
+)
 
 
 @pytest.fixture
@@ -136,3 +144,12 @@ def test_a_global_batch_is_split_into_per_device_batches_and_accumulation(
 ):
     split = trainer_setup.batch_plan(global_size, max_per_device, processes, "grpo.prompts_per_step")
     assert (split.per_device, split.accumulation) == plan and split.global_size == global_size
+
+
+def test_a_process_the_suite_starts_has_its_workers_share_of_the_cores():
+    """Under `pytest -n N` each worker, and every process it starts that sets no threads of its own, runs torch on the
+    cores over N (tests/conftest.py): two workers of two threads each on two cores would train several times slower."""
+    probe = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
+    threads = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    assert threads == str(worker_threads())
+    assert tiny_params().compute.torch_threads == worker_threads()
