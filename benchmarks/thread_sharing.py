@@ -13,6 +13,7 @@ wall time of each case (median of --runs).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import statistics
 import subprocess
@@ -60,7 +61,7 @@ def main() -> None:
         (f"{cores} processes, {cores} threads each", cores, cores),
         (f"{cores} processes, 1 thread each", cores, 1),
     ]
-    print(f"{cores} cores, torch {__import__('torch').__version__}\n")
+    print(f"{cores} cores, torch {importlib.metadata.version('torch')}\n")
     print("| case | training seconds per process | wall seconds (imports included) |")
     print("|---|---|---|")
     for name, processes, threads in cases:

@@ -18,14 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def environment(root: Path, **extra: str) -> dict[str, str]:
     """The environment of a stage run in the project `root`: its own cache and MLflow store, no key of the caller's,
-    one thread per process (the tests share two cores)."""
+    its threads as the environment gives them (the worker's share of the cores, tests/conftest.py)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "DVC_ROOT", "DVC_STAGE")}
     return {
         **env,
         "PYTHONPATH": str(REPO / "src"),
         "BUDGET_ALIGNMENT_CACHE": str(root / ".cache"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "OMP_NUM_THREADS": "1",
         **extra,
     }
 

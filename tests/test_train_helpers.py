@@ -218,8 +218,8 @@ def enter_project(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def subprocess_env(root: Path) -> dict[str, str]:
-    # The worker waits on the process: its share of the cores goes to it.
-    return {**os.environ, "BUDGET_ALIGNMENT_CACHE": str(root / ".cache"), "OMP_NUM_THREADS": str(worker_threads())}
+    # Its threads come with the environment: the worker's share of the cores (tests/conftest.py).
+    return {**os.environ, "BUDGET_ALIGNMENT_CACHE": str(root / ".cache")}
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 180) -> None:
