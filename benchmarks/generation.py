@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/generation.py            # ja, the params' evaluation settings
     .venv/bin/python benchmarks/generation.py --lang fr
 
-Needs what `generate@base-{lang}` reads: data/models/base and data/normalized/{set}/{lang}.jsonl (run the tiny
+Needs what `generate@base` reads in a language: data/models/base and data/normalized/{set}/{lang}.jsonl (run the tiny
 pipeline, or `dvc repro normalize problems`, first). Times one pooled batch (evaluation.limit problems of
 every evaluation set x n samples x max_new_tokens) three times:
 

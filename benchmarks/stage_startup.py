@@ -43,7 +43,7 @@ KINDS = {
         "from mergekit.merge import run_merge",
     ),
     "generate": (
-        ("generate@", "generate_en"),
+        ("generate@",),
         "import budget_alignment.cli, budget_alignment.evaluation.generate, torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache",
     ),

@@ -187,15 +187,21 @@ def test_a_read_only_file_system_is_one_clear_line(data_project):
 # --- generate -------------------------------------------------------------------------------------------------------
 
 
+# Problems per language of the generation project: French takes several batches; the others, sampled before or after
+# it by generate@base, one problem each.
+GENERATION_PROBLEMS = {"ja": 1, "fr": 40, "es": 1, "en": 1}
+
+
 def generation_project(root: Path) -> Path:
-    """The tiny model of the generate tests and 40 problems, so that a run takes several batches."""
+    """The tiny model of the generate tests and problems in every language generate@base samples."""
     save_tiny_model(root / paths.base_model_dir())
-    problems = [
-        Problem(id=f"q{i}", dataset="college_math", lang="fr", question=f"question {i}", answer="B",
-                answer_type="choice", choices={"A": "1", "B": "2", "C": "3", "D": "4"})
-        for i in range(40)
-    ]  # fmt: skip
-    write_records(root / problems_file("fr", "college_math"), problems)
+    for lang, count in GENERATION_PROBLEMS.items():
+        problems = [
+            Problem(id=f"q{i}", dataset="college_math", lang=lang, question=f"question {i}", answer="B",
+                    answer_type="choice", choices={"A": "1", "B": "2", "C": "3", "D": "4"})
+            for i in range(count)
+        ]  # fmt: skip
+        write_records(root / problems_file(lang, "college_math"), problems)
     settings = {"datasets": ["college_math"], "n": 4, "k": [1, 4], "max_new_tokens": 48, "batch_size": 8}
     write_params(root / "params.yaml", tiny_params(evaluation=settings | {"limit": None, "temperature": 1.0}))
     return root
@@ -215,14 +221,15 @@ def test_dvc_repro_killed_mid_generate_resumes_and_ends_as_an_uninterrupted_run(
     def some_batches_done() -> bool:
         return work_file.exists() and len(work_file.read_text().splitlines()) >= 3 * 2 * 4
 
-    repro_killed(crashed, "generate@base-fr", some_batches_done)
+    repro_killed(crashed, "generate@base", some_batches_done)
     assert not (crashed / paths.generations_dir("base", "fr")).exists()
     finished = len(generate.finished_problems(work_file, 4))
     assert 0 < finished < 40
 
-    repro_to_the_end(crashed, "generate@base-fr")
-    budget = json.loads((crashed / paths.budget_file("generate@base-fr")).read_text())
-    assert budget["reused_completions"] == finished * 4  # nothing finished was generated again
+    repro_to_the_end(crashed, "generate@base")
+    budget = json.loads((crashed / paths.budget_file("generate@base")).read_text())
+    # Nothing finished was generated again: Japanese (sampled before the kill) and the French problems finished.
+    assert budget["reused_completions"] == (GENERATION_PROBLEMS["ja"] + finished) * 4
     assert generated(crashed) == generated(reference)
     # The output is a function of its inputs: the resumed run's folder is byte for byte the uninterrupted run's.
     for name in (generate.META_FILE, "college_math.jsonl"):

@@ -1,8 +1,10 @@
-"""The generate stage with the transformers backend on the tiny model: n samples, seeds, resume after a crash."""
+"""The generate stage with the transformers backend on the tiny model: n samples, seeds, resume after a crash, reuse
+of a language whose inputs did not change."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,7 +63,7 @@ def completions(folder: Path) -> list[Completion]:
 def test_n_samples_per_problem_deterministic_under_a_seed(project):
     params = tiny_params()
     out = paths.generations_dir("base", "fr")
-    summary = generate.generate_for_regime(params, "base", "fr", out)
+    summary = generate.generate_language(params, "base", "fr", out)
     first = completions(out)
     assert len(first) == 5 * 3
     assert {(c.problem_id, c.sample) for c in first} == {(f"q{i}", s) for i in range(5) for s in range(3)}
@@ -71,16 +73,20 @@ def test_n_samples_per_problem_deterministic_under_a_seed(project):
     assert json.loads((out / generate.META_FILE).read_text())["sampling"]["n"] == 3
     assert len({c.text for c in first}) > 1  # sampling, not one repeated string
 
-    generate.generate_for_regime(params, "base", "fr", out)
+    again = generate.generate_language(params, "base", "fr", out)
     assert completions(out) == first
-    assert not (project / ".cache/generations/base-fr").exists()  # work files are gone after success
+    assert again["reused_completions"] == 15 and again["tokens_generated"] == 0  # nothing sampled again
+    shutil.rmtree(project / ".cache/generations")  # sampled afresh: the same completions under the seed
+    generate.generate_language(params, "base", "fr", out)
+    assert completions(out) == first
 
 
 def test_a_crashed_run_resumes_without_regenerating_finished_problems(project, monkeypatch):
     params = tiny_params()
     reference = paths.generations_dir("base", "fr")
-    generate.generate_for_regime(params, "base", "fr", reference)
+    generate.generate_language(params, "base", "fr", reference)
     expected = completions(reference)
+    shutil.rmtree(project / ".cache/generations")
 
     calls = []
     original = generate.TransformersBackend.generate
@@ -94,7 +100,7 @@ def test_a_crashed_run_resumes_without_regenerating_finished_problems(project, m
     monkeypatch.setattr(generate.TransformersBackend, "generate", crash_on_second_batch)
     out = Path("data/generations/resumed")
     with pytest.raises(KeyboardInterrupt):
-        generate.generate_for_regime(params, "base", "fr", out)
+        generate.generate_language(params, "base", "fr", out)
     assert not out.exists()
     work_file = project / ".cache/generations/base-fr/college_math.jsonl"
     assert len(work_file.read_text().splitlines()) == 2 * 3  # the first batch's two problems
@@ -108,7 +114,7 @@ def test_a_crashed_run_resumes_without_regenerating_finished_problems(project, m
         "generate",
         lambda self, prompts, n, seed: resumed_calls.append(len(prompts)) or original(self, prompts, n, seed),
     )
-    summary = generate.generate_for_regime(params, "base", "fr", out)
+    summary = generate.generate_language(params, "base", "fr", out)
     assert resumed_calls == [2, 1]  # batches 2 and 3 only
     assert summary["reused_completions"] == 6
     assert completions(out) == expected
@@ -117,16 +123,47 @@ def test_a_crashed_run_resumes_without_regenerating_finished_problems(project, m
 def test_replica_processes_write_the_same_output_as_one_process(project):
     """Generation spread over engine replicas (processes; on GPUs one per GPU group) draws the same samples."""
     one = paths.generations_dir("base", "fr")
-    generate.generate_for_regime(tiny_params(), "base", "fr", one)
+    generate.generate_language(tiny_params(), "base", "fr", one)
+    shutil.rmtree(project / ".cache/generations")
     two = Path("data/generations/two-replicas")
     params = tiny_params().model_copy(
         update={"compute": tiny_params().compute.model_copy(update={"generation_replicas": 2})}
     )
     assert generate.replica_count(params) == 2
-    summary = generate.generate_for_regime(params, "base", "fr", two)
+    summary = generate.generate_language(params, "base", "fr", two)
     assert summary["reused_completions"] == 0
     for name in ("college_math.jsonl", generate.META_FILE):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_a_language_whose_inputs_did_not_change_reuses_its_completions(project):
+    """generate@{regime} samples every language; after a change to one language's model or problems, a rerun samples
+    that language alone and gives the others' completions back as they were."""
+    problems = [Problem(id=f"j{i}", dataset="college_math", lang="ja", question=f"問題 {i}", answer="1",
+                        answer_type="math") for i in range(4)]  # fmt: skip
+    write_records(problems_file("ja", "college_math"), problems)
+    params = tiny_params()
+    first = generate.generate_regime(params, "base", ["ja", "fr"])
+    assert [first[lang]["reused_completions"] for lang in ("ja", "fr")] == [0, 0]
+    french = (paths.generations_dir("base", "fr") / "college_math.jsonl").read_bytes()
+
+    write_records(problems_file("ja", "college_math"), problems[:3])  # the Japanese data changed
+    second = generate.generate_regime(params, "base", ["ja", "fr"])
+    assert second["ja"]["reused_completions"] == 0 and second["ja"]["tokens_generated"] > 0
+    assert second["fr"]["reused_completions"] == 15 and second["fr"]["tokens_generated"] == 0
+    assert (paths.generations_dir("base", "fr") / "college_math.jsonl").read_bytes() == french
+    assert len(completions(paths.generations_dir("base", "ja"))) == 3 * 3
+
+    save_tiny_model(paths.base_model_dir())  # the model rewritten (same weights): its files' state changed
+    third = generate.generate_regime(params, "base", ["fr"])
+    assert third["fr"]["reused_completions"] == 0
+    assert (paths.generations_dir("base", "fr") / "college_math.jsonl").read_bytes() == french
+
+
+def test_replica_devices_are_shares_of_the_visible_gpus():
+    assert generate.replica_devices(1, 2, None) == "2,3"
+    assert generate.replica_devices(1, 2, "4,5,6,7") == "6,7"
+    assert generate.replica_devices(0, 1, "3") == "3"
 
 
 def test_changed_sampling_settings_discard_an_interrupted_run(project):
@@ -139,7 +176,7 @@ def test_changed_sampling_settings_discard_an_interrupted_run(project):
         ).model_dump_json()
         + "\n"
     )
-    generate.generate_for_regime(tiny_params(n=1, k=[1]), "base", "fr", paths.generations_dir("base", "fr"))
+    generate.generate_language(tiny_params(n=1, k=[1]), "base", "fr", paths.generations_dir("base", "fr"))
     assert "old" not in [c.text for c in completions(paths.generations_dir("base", "fr"))]
 
 
@@ -147,7 +184,7 @@ def test_a_missing_model_is_a_clear_error(project):
     with pytest.raises(
         generate.GenerationError, match=r"model sft-fr: no model at data/models/sft/fr \(run its stage first\)"
     ):
-        generate.generate_for_regime(tiny_params(), "sft", "fr", paths.generations_dir("sft", "fr"))
+        generate.generate_language(tiny_params(), "sft", "fr", paths.generations_dir("sft", "fr"))
 
 
 def test_greedy_decoding_equals_transformers_generate_on_each_prompt_alone(project):
@@ -221,5 +258,5 @@ def test_vllm_backend_samples_n_completions(project):
         pytest.skip("vLLM needs a GPU")
     params = tiny_params(backend="vllm")
     out = paths.generations_dir("base", "fr")
-    generate.generate_for_regime(params, "base", "fr", out)
+    generate.generate_language(params, "base", "fr", out)
     assert len(completions(out)) == 15

@@ -158,7 +158,7 @@ def test_a_full_disk_under_generation_is_one_line_and_the_rerun_reuses_the_finis
 
     rerun = budget_align(root, "generate", "base", "fr")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    budget = json.loads((root / paths.budget_file("generate@base-fr")).read_text())
+    budget = json.loads((root / paths.budget_file("generate@base")).read_text())
     assert 0 < budget["reused_completions"] < 24
     completions = read_records(root / paths.generations_dir("base", "fr") / "college_math.jsonl", Completion)
     assert [(c.problem_id, c.sample) for c in completions] == [(f"q{i}", s) for i in range(12) for s in range(2)]

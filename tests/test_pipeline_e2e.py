@@ -202,8 +202,8 @@ def test_every_stage_has_its_mlflow_run_in_the_repository_database(project):
         "sft@ja",
         "grpo@sft-ja",
         "merge",
-        "generate@grpo_sft-ja",
-        "generate_en",
+        "generate@grpo_sft",
+        "generate@base",
         "score",
         "report",
     }
@@ -242,10 +242,12 @@ def test_the_run_took_every_branch_of_the_paper_profile(project, translator):
 
 def test_a_forced_rerun_of_unchanged_stages_changes_no_output(project):
     """Outputs are pure functions of their inputs: rerunning a data, base, SFT, GRPO and generate stage with the same
-    inputs writes the same bytes, so dvc.lock does not change and nothing downstream is stale."""
+    inputs writes the same bytes, so dvc.lock does not change and nothing downstream is stale. The generation kept
+    for reuse is removed first, so that the generate stage samples again."""
     root, env = project
     lock = (root / "dvc.lock").read_text()
-    stages = ["translate", "base_model", "sft@ja", "grpo@sft-ja", "generate@sft-ja"]
+    shutil.rmtree(root.parent / "cache/generations")
+    stages = ["translate", "base_model", "sft@ja", "grpo@sft-ja", "generate@sft"]
     dvc(root, env, "repro", "--force", "--single-item", *stages)
     assert (root / "dvc.lock").read_text() == lock
     assert "up to date" in dvc(root, env, "status").stdout
@@ -254,7 +256,7 @@ def test_a_forced_rerun_of_unchanged_stages_changes_no_output(project):
 def test_the_score_file_tool_leaves_the_pipeline_as_it_was(project, tmp_path):
     root, env = project
     problems = root / "data/problems/ja/college_math.jsonl"
-    completions = root / "data/generations/sft-ja/college_math.jsonl"
+    completions = root / "data/generations/sft/ja/college_math.jsonl"
     tool = [str(BIN / "budget-align"), "score-files", str(problems), str(completions), "--out", str(tmp_path / "s")]
     run(tool, root, env)
     assert (tmp_path / "s.metrics.json").is_file()  # its figures go beside its --out
@@ -277,7 +279,7 @@ PULLED = [
     "data/models/base/model.safetensors",
     "data/normalized/college_math/ja.jsonl",
     "reports/report.md",
-    "data/generations/sft-ja/college_math.jsonl",
+    "data/generations/sft/ja/college_math.jsonl",
 ]
 
 
@@ -364,8 +366,8 @@ def add_s3_remote(root: Path, env: dict, endpoint: str) -> None:
 GRPO_SUBTREE = {
     "grpo@base-ja",
     "grpo@sft-ja",
-    "generate@grpo_base-ja",
-    "generate@grpo_sft-ja",
+    "generate@grpo_base",
+    "generate@grpo_sft",
     "score",
     "report",
 }
@@ -408,7 +410,7 @@ def test_a_queued_experiment_reruns_only_grpo_and_below(project, queued_experime
         ran = stages_ran(dvc(root, env, "queue", "logs", name).stdout)
         # The GRPO models change, so their generations are redone; scores and the report rerun only where the
         # generations' content changed (DVC compares hashes), so they may be skipped.
-        assert {"grpo@base-ja", "grpo@sft-ja", "generate@grpo_base-ja", "generate@grpo_sft-ja"} <= ran, name
+        assert {"grpo@base-ja", "grpo@sft-ja", "generate@grpo_base", "generate@grpo_sft"} <= ran, name
         assert ran <= GRPO_SUBTREE, name
     shown = json.dumps(json.loads(dvc(root, env, "exp", "show", "--json").stdout))
     assert all(name in shown for name in queued_experiments)

@@ -61,8 +61,9 @@ def test_without_the_tokenizer_the_tokens_are_estimated_and_say_so(tmp_path, mon
     costs = {c.stage: c for c in plan.plan_stages(tiny_params())}
     assert costs["sft@ja"].estimated and costs["sft@ja"].train_tokens > 0
     evaluation = tiny_params().evaluation
-    problems = evaluation.limit * len(evaluation.datasets)
-    assert costs["generate@sft-fr"].generated_tokens == problems * evaluation.n * evaluation.max_new_tokens
+    problems = evaluation.limit * len(evaluation.datasets) * len(tiny_params().languages)
+    assert costs["generate@sft"].generated_tokens == problems * evaluation.n * evaluation.max_new_tokens
+    assert costs["generate@base"].generated_tokens == costs["generate@sft"].generated_tokens * 4 // 3  # and English
 
 
 def test_a_run_the_disk_cannot_hold_stops_before_any_work(tmp_path):

@@ -140,7 +140,7 @@ def test_budget_is_summed_per_regime():
     budgets = {
         "sft@ja": {"wall_seconds": 10.0, "peak_rss_bytes": 2, "tokens_trained": 100},
         "sft@fr": {"wall_seconds": 5.0, "peak_rss_bytes": 3, "tokens_trained": 50},
-        "generate@grpo_sft-ja": {"wall_seconds": 1.0, "peak_rss_bytes": 1, "tokens_generated": 7},
+        "generate@grpo_sft": {"wall_seconds": 1.0, "peak_rss_bytes": 1, "tokens_generated": 7},
         "grpo@sft-ja": {"wall_seconds": 2.0, "peak_rss_bytes": 9, "tokens_generated": 3},
         "ingest": {"wall_seconds": 99.0},
     }

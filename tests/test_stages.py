@@ -147,7 +147,7 @@ def covered(path: str, deps: list[str]) -> bool:
 def test_every_stage_runs_the_command_of_its_name():
     for name, stage in dvc_stages().items():
         kind, _ = instance_of(name, stage["cmd"])
-        assert name.partition("@")[0].removesuffix("_en") == kind, (name, stage["cmd"])
+        assert name.partition("@")[0] == kind, (name, stage["cmd"])
 
 
 @pytest.mark.parametrize("name", sorted(dvc_stages()))
@@ -187,7 +187,7 @@ def test_training_and_generation_depend_only_on_their_languages_data():
     checked = 0
     for name, stage in dvc_stages().items():
         kind, instance = instance_of(name, stage["cmd"])
-        if kind not in ("sft", "topup", "grpo", "generate"):
+        if kind not in ("sft", "topup", "grpo"):
             continue
         lang = instance["lang"]
         data = [dep for dep in stage["deps"] if dep.startswith(tuple(p.rstrip("/") for p in per_language))]
@@ -200,13 +200,13 @@ def test_training_and_generation_depend_only_on_their_languages_data():
     assert checked >= 4
 
 
-def test_training_and_generation_read_shared_models_or_their_languages():
+def test_training_reads_shared_models_or_its_languages():
     """A stage of one language depends on the base, the merge or that language's models, never on a regime's folder of
     every language (params.yaml's stage_instances name the folders: DVC's matrix cannot)."""
     checked = 0
     for name, stage in dvc_stages().items():
         kind, instance = instance_of(name, stage["cmd"])
-        if kind not in ("sft", "topup", "grpo", "generate"):
+        if kind not in ("sft", "topup", "grpo"):
             continue
         for dep in stage["deps"]:
             if dep.startswith("data/models/"):
@@ -217,15 +217,37 @@ def test_training_and_generation_read_shared_models_or_their_languages():
     assert checked >= 4
 
 
+def test_each_regimes_generation_reads_its_models_and_the_problems():
+    """generate@{regime} samples every language of the regime in one process: it depends on the problems and on the
+    folders of the regime's models (and, for GRPO from SFT, of the SFT models and top-ups its adapters apply to)."""
+    from budget_alignment.params import load_params
+
+    expected = {
+        "base": set(),
+        "sft": {"data/models/sft"},
+        "grpo_base": {"data/models/grpo_base"},
+        "grpo_sft": {"data/models/sft", "data/models/topup", "data/models/grpo_sft"},
+        "merge": {"data/models/merge"},
+    }
+    regimes = load_params(REPO / "params.yaml").evaluation.regimes
+    for regime in regimes:
+        stage = dvc_stages()[f"generate@{regime}"]
+        models = {dep for dep in stage["deps"] if dep.startswith("data/models/")}
+        assert models == expected[regime] | {"data/models/base"}, regime
+        assert "data/problems" in stage["deps"] and stage["outs"] == [f"data/generations/{regime}"]
+    assert len(regimes) == len(expected)
+
+
 def overlap(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
 def test_a_change_to_one_languages_data_reruns_that_languages_work_alone():
     """`-S normalize.ja.<rule>=...` changes the Japanese files of data/normalized/ alone (tests/test_data_stages.py).
-    Walking dvc.yaml from there, as DVC does, reaches Japanese work, the merge (the Japanese SFT model is a member) and
-    what samples the merge, and no other language's training or generation. A stage that runs over every language
-    changes only that language's files of its outputs (its outputs are one file or folder per language)."""
+    Walking dvc.yaml from there, as DVC does, reaches Japanese training, the merge (the Japanese SFT model is a member)
+    and the stages that run over every language, and no other language's training. A stage that runs over every
+    language changes only that language's files of its outputs (its outputs are one file or folder per language; the
+    generate stages sample the changed language alone: tests/test_generate.py)."""
     stages = dvc_stages()
     changed = ["data/normalized/chains/ja.jsonl", "data/normalized/math/ja.jsonl"]
     reached: set[str] = set()
@@ -237,12 +259,12 @@ def test_a_change_to_one_languages_data_reruns_that_languages_work_alone():
                 continue
             reached.add(name)
             grew = True
-            per_language = "lang" not in instance_of(name, stage["cmd"])[1] and "@" not in name
+            per_language = "lang" not in instance_of(name, stage["cmd"])[1]
             for out in stage["outs"]:
                 changed += [f"{out}/ja", f"{out}/ja.jsonl"] if per_language else [out]
-    others = sorted(name for name in reached if "@" in name and not name.endswith("-ja") and not name.endswith("@ja"))
-    assert others == [f"generate@merge-{lang}" for lang in ("es", "fr")], others
-    assert {"sft@ja", "grpo@sft-ja", "generate@grpo_sft-ja", "merge", "report"} <= reached
+    of_one_language = [name for name in reached if "lang" in instance_of(name, stages[name]["cmd"])[1]]
+    assert of_one_language and all(name.endswith(("-ja", "@ja")) for name in of_one_language), sorted(reached)
+    assert {"sft@ja", "grpo@sft-ja", "merge", "generate@sft", "generate@merge", "report"} <= reached
 
 
 def test_stages_that_read_bundled_sets_depend_on_them():

@@ -27,9 +27,9 @@ def load_budgets(folder: Path | None = None) -> dict[str, dict[str, float]]:
 
 
 def regime_of_stage(stage: str) -> str | None:
-    """Which regime a stage's cost belongs to: `sft@ja` -> sft, `generate@grpo_sft-fr` -> grpo_sft, ..."""
+    """Which regime a stage's cost belongs to: `sft@ja` -> sft, `generate@grpo_sft` -> grpo_sft, ..."""
     name, _, instance = stage.partition("@")
-    if name in ("base_model", "generate_en"):  # the English reference line is the Base model's
+    if name == "base_model":
         return "base"
     if name in ("merge", "merge_members"):
         return "merge"
@@ -38,7 +38,7 @@ def regime_of_stage(stage: str) -> str | None:
     if name == "grpo":
         return f"grpo_{instance.split('-')[0]}"
     if name == "generate":
-        return instance.rsplit("-", 1)[0]
+        return instance
     return None
 
 

@@ -71,7 +71,6 @@ ParamsFile = Annotated[Path, typer.Option("--params", "-p", help="Parameters fil
 DEFAULT_PARAMS = Path("params.yaml")
 Lang = Annotated[str, typer.Argument(help="A target language (one of `languages`).")]
 Regime = Annotated[str, typer.Argument(help="base, sft, grpo_base, grpo_sft or merge.")]
-EvaluatedLang = Annotated[str, typer.Argument(help="The language asked in (one of `languages`, or en).")]
 Langs = Annotated[
     list[str] | None, typer.Argument(help="Only these languages (default: all of the stage).", show_default=False)
 ]
@@ -399,15 +398,23 @@ def problems(langs: Langs = None, params_file: ParamsFile = DEFAULT_PARAMS) -> N
 
 
 @app.command("generate")
-def generate(regime: Regime, lang: EvaluatedLang, params_file: ParamsFile = DEFAULT_PARAMS) -> None:
-    """Stage generate@REGIME-LANG: n sampled completions per evaluation problem, into data/generations/."""
+def generate(
+    regime: Regime,
+    langs: Annotated[
+        list[str] | None, typer.Argument(help="Only these languages (default: every one REGIME is evaluated in).")
+    ] = None,
+    params_file: ParamsFile = DEFAULT_PARAMS,
+) -> None:
+    """Stage generate@REGIME: n sampled completions per evaluation problem in each language, into
+    data/generations/REGIME/LANG/; a language whose model, problems and settings did not change reuses its last run."""
     params = load(params_file)
-    require_evaluated(params, regime, lang)
-    with tracked_stage("generate", params, regime=regime, lang=lang) as run:
-        from budget_alignment import paths
-        from budget_alignment.evaluation.generate import generate_for_regime
+    require(regime in params.evaluation.regimes, f"{regime!r} is not one of evaluation.regimes")
+    for lang in langs or []:
+        require_evaluated(params, regime, lang)
+    with tracked_stage("generate", params, regime=regime) as run:
+        from budget_alignment.evaluation.generate import generate_regime
 
-        generate_for_regime(params, regime, lang, paths.generations_dir(regime, lang), run)
+        generate_regime(params, regime, langs, run)
 
 
 @app.command("score")

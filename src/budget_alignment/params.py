@@ -771,9 +771,11 @@ class Params(Section):
     def evaluated_pairs(self) -> list[tuple[str, str]]:
         """Every (regime, lang) the pipeline evaluates, the English reference last."""
         pairs = [(regime, lang) for regime in self.evaluation.regimes for lang in self.languages]
-        if self.evaluation.english_reference:
-            pairs.append(("base", "en"))
-        return pairs
+        return pairs + ([("base", "en")] if "en" in self.evaluated_languages("base") else [])
+
+    def evaluated_languages(self, regime: str) -> list[str]:
+        """The languages a regime is evaluated in (generate@{regime} samples each), the English reference last."""
+        return [*self.languages, *(["en"] if regime == "base" and self.evaluation.english_reference else [])]
 
     def datasets_with_role(self, role: str) -> list[str]:
         return [name for name, dataset in self.datasets.items() if dataset.role == role]

@@ -33,6 +33,11 @@ def base_model_dir() -> Path:
     return models_dir() / "base"
 
 
+def regime_models_dir(regime: str) -> Path:
+    """The folder of a regime's models (`sft`: data/models/sft, which holds ja/, fr/, ...; `base`: the model)."""
+    return models_dir() / regime
+
+
 def model_dir(name: str) -> Path:
     """`base`, `merge`, `sft-ja`, `topup-ja`, `grpo_sft-fr` -> data/models/base, .../merge, .../sft/ja, .../topup/ja,
     .../grpo_sft/fr.
@@ -40,10 +45,10 @@ def model_dir(name: str) -> Path:
     One folder per regime, so a DVC stage can depend on `data/models/${regime}` for any regime.
     """
     if name in REGIMES_WITH_ONE_MODEL:
-        return models_dir() / name
+        return regime_models_dir(name)
     regime, _, lang = name.partition("-")
     if regime in ("sft", "topup", "grpo_base", "grpo_sft") and lang:
-        return models_dir() / regime / lang
+        return regime_models_dir(regime) / lang
     raise ValueError(f"unknown model name {name!r}")
 
 
@@ -102,13 +107,19 @@ def problems_dir(lang: str) -> Path:
     return data_dir() / "problems" / lang
 
 
+def regime_generations_dir(regime: str) -> Path:
+    """The output of generate@{regime}: one folder per language it is evaluated in."""
+    return data_dir() / "generations" / regime
+
+
 def generations_dir(regime: str, lang: str) -> Path:
     """n completions per problem, one jsonl per evaluation set."""
-    return data_dir() / "generations" / f"{regime}-{lang}"
+    return regime_generations_dir(regime) / lang
 
 
 def generation_work_dir(regime: str, lang: str) -> Path:
-    """Finished problems of an interrupted generate stage, kept for its rerun."""
+    """The completions of the last generation of a regime in a language, under the digest of what they depend on:
+    an interrupted run resumes from them, a rerun with the same inputs reuses them (evaluation/generate.py)."""
     return cache_dir() / "generations" / f"{regime}-{lang}"
 
 

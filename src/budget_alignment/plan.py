@@ -371,16 +371,15 @@ def plan_stages(params: Params) -> list[StageCost]:
         costs.append(StageCost("merge", f"{params.merge.method} of {', '.join(params.merge.members)}",
                                output_bytes=model_bytes(params, params.merge.dtype)))  # fmt: skip
     evaluation = params.evaluation
-    pairs = [(regime, lang) for regime in evaluation.regimes for lang in params.languages]
-    pairs += [("base", "en")] if evaluation.english_reference else []
-    for regime, lang in pairs:
-        problems = sum(prompt_texts(params, d, lang, tokenizer).records for d in evaluation.datasets)
+    for regime in evaluation.regimes:
+        langs = params.evaluated_languages(regime)
+        problems = sum(prompt_texts(params, d, lang, tokenizer).records for d in evaluation.datasets for lang in langs)
         tokens = problems * evaluation.n * evaluation.max_new_tokens
-        name = "generate_en" if lang == "en" else f"generate@{regime}-{lang}"
         costs.append(
             StageCost(
-                name,
-                f"{problems} problems x {evaluation.n} samples x {evaluation.max_new_tokens} tokens at most",
+                f"generate@{regime}",
+                f"{problems} problems in {len(langs)} languages x {evaluation.n} samples x "
+                f"{evaluation.max_new_tokens} tokens at most",
                 generated_tokens=tokens,
                 output_bytes=tokens * BYTES_PER_GENERATED_TOKEN,
             )

@@ -64,8 +64,11 @@ STAGES: dict[str, Stage] = {
         # The GRPO models among the merge's members, as digests the merge depends on (merge.py).
         Stage("merge_members", "merge", ("merge.members", "merge.grpo_inits"), ("init",)),
         Stage("problems", "evaluation.problems", ("evaluation.datasets", "evaluation.limit", "normalize")),
+        # Every language the regime is evaluated in, in one process (a language whose inputs did not change reuses
+        # its completions: evaluation/generate.py).
         Stage("generate", "evaluation.generate", ("evaluation.datasets", *SAMPLING, "evaluation.tensor_parallel_size",
-              "prompts", "seed", "compute.device", "compute.torch_threads", *MODEL_LOADING), ("regime", "lang")),
+              "evaluation.english_reference", "languages", "prompts", "seed", "compute.device",
+              "compute.torch_threads", *MODEL_LOADING), ("regime",)),
         # Every evaluated pair in one process (the judge's models load once): the regimes, languages, English line.
         Stage("score", "evaluation.score", ("scoring", "evaluation.k", "evaluation.datasets", "evaluation.regimes",
               "languages", "evaluation.english_reference")),
@@ -76,17 +79,18 @@ STAGES: dict[str, Stage] = {
 
 
 def stage_of(instance: str) -> Stage:
-    """`grpo@sft-ja` -> the grpo stage; `generate_en` is the generate stage in English."""
-    name = instance.partition("@")[0].removesuffix("_en")
-    return STAGES[name]
+    """`grpo@sft-ja` -> the grpo stage."""
+    return STAGES[instance.partition("@")[0]]
 
 
 # --- the model folders of the grpo and generate stages ---------------------------------------------------------------
 # DVC's matrix cannot map a regime to one language's model folder (`data/models/sft/ja`, but `data/models/base` for
 # every language), so dvc.yaml generates these stages from `stage_instances` in params.yaml: each instance with the
-# model folders it may read, all of them shared (base, merge) or its language's own. A change to one language's data
-# then reruns that language's models and evaluation only. Hydra derives the section from the keys it depends on when it
-# composes params.yaml (conf/config.yaml), through the resolver below, which hydra_plugins/ registers in DVC's process.
+# model folders it may read. A grpo@{init}-{lang} reads shared folders (the base) or its language's own, so a change to
+# one language's data reruns that language's models only; a generate@{regime} reads its regime's folders of every
+# language (and reuses the completions of a language whose model did not change). Hydra derives the section from the
+# keys it depends on when it composes params.yaml (conf/config.yaml), through the resolver below, which hydra_plugins/
+# registers in DVC's process.
 
 RESOLVER = "stage_instances"
 # A stage reads up to this many model folders beside the base; dvc.yaml lists `${item.models[0]}` to `[2]`, and an
@@ -103,15 +107,14 @@ def _sft_start(lang: str) -> list[str]:
     return [_folder(f"sft-{lang}"), _folder(f"topup-{lang}")]
 
 
-def models_read(regime: str, lang: str) -> list[str]:
-    """The folders besides the base that a regime's model in `lang` may load from: the model and, for GRPO from SFT,
-    where it started. An adapter loads the parent it records (`loading.adapter_parent`), the base or one of these."""
+def models_read(regime: str) -> list[str]:
+    """The folders besides the base that a regime's models may load from, in every language: the regime's and, for
+    GRPO from SFT, those of where it started. An adapter loads the parent it records (`loading.adapter_parent`), the
+    base or one of these."""
     if regime == "base":
         return []
-    if regime in paths.REGIMES_WITH_ONE_MODEL:
-        return [_folder(regime)]
-    own = _folder(f"{regime}-{lang}")
-    return [*_sft_start(lang), own] if regime == "grpo_sft" else [own]
+    regimes = ["sft", "topup", "grpo_sft"] if regime == "grpo_sft" else [regime]
+    return [paths.regime_models_dir(name).as_posix() for name in regimes]
 
 
 def grpo_models(init: str, lang: str, reference: str) -> list[str]:
@@ -128,8 +131,8 @@ def _slots(models: list[str]) -> list[str]:
 def stage_instances(
     inits: Iterable[str], regimes: Iterable[str], languages: Iterable[str], reference: str
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """`stage_instances` of params.yaml: dvc.yaml's grpo@{init}-{lang} and generate@{regime}-{lang}, each with its
-    model folders (`models`, MODEL_SLOTS long). The arguments are OmegaConf lists where Hydra calls it."""
+    """`stage_instances` of params.yaml: dvc.yaml's grpo@{init}-{lang} and generate@{regime}, each with its model
+    folders (`models`, MODEL_SLOTS long). The arguments are OmegaConf lists where Hydra calls it."""
     languages = list(languages)
     return {
         "grpo": {
@@ -137,11 +140,7 @@ def stage_instances(
             for init in inits
             for lang in languages
         },
-        "generate": {
-            f"{regime}-{lang}": {"regime": regime, "lang": lang, "models": _slots(models_read(regime, lang))}
-            for regime in regimes
-            for lang in languages
-        },
+        "generate": {regime: {"regime": regime, "models": _slots(models_read(regime))} for regime in regimes},
     }
 
 

@@ -1,9 +1,15 @@
-"""The `generate@{regime}-{lang}` stage: n sampled completions per evaluation problem, resumable.
+"""The `generate@{regime}` stage: n sampled completions per evaluation problem, in every language the regime is
+evaluated in, resumable and reused.
+
+One process samples every language (one start-up; the base and the merge load once for all of them), into one folder
+per language. Each language's completions are kept under the cache with a digest of what they depend on (the model's
+files, the problems, the params, the code and the libraries that sample): a rerun whose inputs for a language are
+unchanged reuses them instead of sampling again, so a change to one language's data regenerates that language alone.
 
 Work happens in batches of whole problems with a seed derived from (seed, dataset, batch index), so a batch
 samples the same completions whether it runs in one go or after a crash. Finished problems are appended to a
 work file under the cache as soon as their batch ends; a killed run resumes from there and regenerates only the
-unfinished batches. The finished files are then moved into the stage's output folder at once.
+unfinished batches. The finished files are then written into the language's output folder at once.
 
 A LoRA adapter is sampled on the parent model it records (`loading.adapter_parent`): the base, or the fully
 fine-tuned SFT model a GRPO adapter was trained on. Prompts are the chat template's text, tokenized without added
@@ -16,6 +22,7 @@ stage's budget and MLflow.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import shutil
@@ -28,7 +35,7 @@ from typing import Any, Protocol, TypeVar
 from budget_alignment import loading, paths, prompts
 from budget_alignment.errors import StageError
 from budget_alignment.evaluation.problems import read_problems
-from budget_alignment.fingerprints import tree_digest
+from budget_alignment.fingerprints import source_digest, tree_digest
 from budget_alignment.io import atomic_directory, atomic_write, write_json, writing
 from budget_alignment.params import Params
 from budget_alignment.prompts import prompt_token_ids
@@ -46,6 +53,8 @@ PARAM_KEYS = [
     "prompts",
     "seed",
 ]
+# The libraries whose versions the samples depend on, per backend.
+SAMPLING_LIBRARIES = {"transformers": ("torch", "transformers", "peft"), "vllm": ("torch", "vllm")}
 
 
 class GenerationError(StageError, RuntimeError):
@@ -269,11 +278,34 @@ def sampling_settings(params: Params, lang: str) -> dict[str, Any]:
 
 
 def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
-    """What the completions depend on; a work file made under another fingerprint is discarded."""
+    """What a language's completions depend on. Work kept under another fingerprint is discarded; under this one it
+    is reused: an interrupted run resumes, a finished one is not sampled again.
+
+    The model's files count by their state (`fingerprints.tree_digest`: what DVC's own state checks before it
+    rehashes), which changes whenever a stage writes or DVC checks out another version; the problems by their bytes.
+    """
     model_state = tree_digest(loading.weights_folder(model_dir), contents=False)
     if loading.is_adapter(model_dir):
         model_state += tree_digest(model_dir, contents=False)
-    return {"model": str(model_dir), "model_state": model_state, **sampling_settings(params, lang)}
+    return {
+        "model": str(model_dir),
+        "model_state": model_state,
+        "problems": tree_digest(paths.problems_dir(lang), contents=True),
+        "code": source_digest(),
+        "libraries": {name: _version(name) for name in SAMPLING_LIBRARIES[params.evaluation.backend]},
+        "device": "cuda" if loading.gpu_available(params.compute) else "cpu",
+        "torch_threads": params.compute.torch_threads,
+        "datasets": params.evaluation.datasets,
+        "tensor_parallel_size": params.evaluation.tensor_parallel_size,
+        **sampling_settings(params, lang),
+    }
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def finished_problems(work_file: Path, n: int) -> dict[str, list[Completion]]:
@@ -312,12 +344,37 @@ def replica_count(params: Params) -> int:
     return max(1, torch.cuda.device_count() // params.evaluation.tensor_parallel_size)
 
 
-def sample_jobs(params: Params, model_dir: Path, jobs: list[Job]) -> Iterator[tuple[Job, list[list[Sample]]]]:
+class Engines:
+    """The in-process backend of the model folder sampled last, kept for the next language that samples the same
+    model (the base and the merge serve every language); another folder's replaces it."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+        self.folder: Path | None = None
+        self.backend: Backend | None = None
+
+    def for_model(self, model_dir: Path) -> Backend:
+        if self.folder != model_dir:
+            self.backend = None  # the last model's memory is freed before the next one loads
+            self.backend = BACKENDS[self.params.evaluation.backend](self.params, model_dir)
+            self.folder = model_dir
+        return self.backend
+
+
+def sample_jobs(
+    params: Params, model_dir: Path, jobs: list[Job], engines: Engines | None = None
+) -> Iterator[tuple[Job, list[list[Sample]]]]:
     """Each job with its samples, as jobs finish: in this process, or spread over replica processes (one engine
-    each, on its own GPUs), whose results come back in any order."""
+    each, on its own GPUs), whose results come back in any order.
+
+    vLLM always runs in a replica process, even alone: its GPU memory is given back when the process ends, which an
+    engine deleted in a long-lived process does not reliably do, and the next language may load another model.
+    """
+    if not jobs:
+        return
     replicas = min(replica_count(params), len(jobs))
-    if replicas <= 1:
-        backend = BACKENDS[params.evaluation.backend](params, model_dir) if jobs else None
+    if replicas <= 1 and params.evaluation.backend == "transformers":
+        backend = (engines or Engines(params)).for_model(model_dir)
         for job in jobs:
             yield job, backend.generate(job.texts, params.evaluation.n, job.seed)
         return
@@ -335,7 +392,7 @@ def sample_jobs(params: Params, model_dir: Path, jobs: list[Job]) -> Iterator[tu
             name=f"generate replica {rank}",
             daemon=True,
         )
-        for rank in range(replicas)
+        for rank in range(max(1, replicas))
     ]
     for worker in workers:
         pending.put(None)  # one end marker per replica
@@ -354,12 +411,19 @@ def sample_jobs(params: Params, model_dir: Path, jobs: list[Job]) -> Iterator[tu
                 worker.terminate()
 
 
+def replica_devices(rank: int, gpus: int, visible: str | None) -> str:
+    """`CUDA_VISIBLE_DEVICES` of replica `rank` with `gpus` each: its share of the GPUs this process may see."""
+    devices = [device for device in (visible or "").split(",") if device.strip()]
+    mine = range(rank * gpus, (rank + 1) * gpus)
+    return ",".join(devices[i] if devices else str(i) for i in mine)
+
+
 def _replica(rank: int, gpus: int, params_json: str, model_dir: str, pending: Any, results: Any) -> None:
     """A replica process: its own GPUs (`gpus` per replica, none on the CPU), one engine, jobs until the end marker."""
     import os
 
     if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(rank * gpus + i) for i in range(gpus))
+        os.environ["CUDA_VISIBLE_DEVICES"] = replica_devices(rank, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     params = Params.model_validate_json(params_json)
     try:
         backend = BACKENDS[params.evaluation.backend](params, Path(model_dir))
@@ -369,11 +433,38 @@ def _replica(rank: int, gpus: int, params_json: str, model_dir: str, pending: An
         results.put((-1, f"{type(error).__name__}: {error}"))
 
 
-def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: StageRun | None = None) -> dict:
-    """Sample `evaluation.n` completions for every evaluation problem in `lang` with the regime's model.
+def generate_regime(params: Params, regime: str, langs: list[str] | None = None, run: StageRun | None = None) -> dict:
+    """Stage generate@{regime}: `evaluation.n` completions per evaluation problem in every language the regime is
+    evaluated in (or `langs`), into data/generations/{regime}/{lang}/.
+
+    Returns each language's summary with this run's facts; their sums (tokens generated, completions reused from an
+    earlier run) go to the stage's budget and MLflow, each language's under its name.
+    """
+    engines = Engines(params)
+    results = {
+        lang: generate_language(params, regime, lang, paths.generations_dir(regime, lang), engines)
+        for lang in langs or params.evaluated_languages(regime)
+    }
+    if run is not None:
+        totals = {
+            key: sum(result[key] for result in results.values())
+            for key in ("completions", "tokens_generated", "reused_completions", "generation_seconds")
+        }
+        run.add_output(paths.regime_generations_dir(regime))
+        run.add_budget(**totals)
+        run.log_metrics(totals | {f"{lang}.{key}": result[key] for lang, result in results.items() for key in FACTS})
+    return results
+
+
+# A language's facts of one run, beside its summary.
+FACTS = ("tokens_generated", "reused_completions", "generation_seconds")
+
+
+def generate_language(params: Params, regime: str, lang: str, out: Path, engines: Engines | None = None) -> dict:
+    """Sample `evaluation.n` completions for every evaluation problem in `lang` with the regime's model, into `out`.
 
     Returns the output's summary (`generation.json`) and this run's facts (tokens generated, completions reused
-    from an interrupted run, seconds), which go to the budget and MLflow, not into the output.
+    from an earlier run, seconds), which go to the budget and MLflow, not into the output.
     """
     from tqdm import tqdm
 
@@ -388,7 +479,7 @@ def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: 
     meta = fingerprint(params, model_dir, lang)
     meta_file = work / META_FILE
     if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
-        log.info("generation settings or model changed since the interrupted run: starting %s afresh", work)
+        log.info("the model, problems or settings changed since %s was sampled: sampling afresh", work)
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     write_json(meta_file, meta)
@@ -417,7 +508,7 @@ def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: 
         jobs.append(Job(index, texts, batch_seed(params.seed, "pooled", index)))
     generated_tokens = 0
     with tqdm(total=total, initial=reused, desc=f"generate {regime}-{lang}", unit="completion") as progress:
-        for job, results in sample_jobs(params, model_dir, jobs):
+        for job, results in sample_jobs(params, model_dir, jobs, engines):
             batch = batch_of[job.index]
             for dataset in dict.fromkeys(dataset for dataset, _ in batch):
                 work_file = work / f"{dataset}.jsonl"
@@ -460,16 +551,11 @@ def generate_for_regime(params: Params, regime: str, lang: str, out: Path, run: 
             with atomic_write(tmp / f"{dataset}.jsonl") as handle:
                 handle.writelines(completion.model_dump_json() + "\n" for completion in completions)
         write_json(tmp / META_FILE, summary)
-    shutil.rmtree(work, ignore_errors=True)
     facts = {
         "tokens_generated": generated_tokens,
         "reused_completions": reused,
         "generation_seconds": round(time.perf_counter() - started, 3),
     }
-    if run is not None:
-        run.add_output(out)
-        run.add_budget(completions=total, **facts)
-        run.log_metrics(facts)
     return summary | facts
 
 
