@@ -294,6 +294,7 @@ def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
         "code": source_digest(),
         "libraries": {name: _version(name) for name in SAMPLING_LIBRARIES[params.evaluation.backend]},
         "device": "cuda" if loading.gpu_available(params.compute) else "cpu",
+        "dtype": params.base_model.dtype,
         "torch_threads": params.compute.torch_threads,
         "datasets": params.evaluation.datasets,
         "tensor_parallel_size": params.evaluation.tensor_parallel_size,
@@ -390,7 +391,7 @@ def sample_jobs(
             target=_replica,
             args=(rank, gpus, params.model_dump_json(), str(model_dir), pending, results),
             name=f"generate replica {rank}",
-            daemon=True,
+            daemon=False,  # vLLM starts processes of its own (its engine core, tensor-parallel workers)
         )
         for rank in range(max(1, replicas))
     ]
