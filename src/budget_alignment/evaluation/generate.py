@@ -46,13 +46,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 META_FILE = "generation.json"
-# The parameters a generate stage reads (dvc.yaml lists the same keys, so only they rerun it).
-PARAM_KEYS = [
-    *(f"evaluation.{key}" for key in ("datasets", "backend", "n", "temperature", "top_p", "max_new_tokens")),
-    *(f"evaluation.{key}" for key in ("batch_size", "limit", "tensor_parallel_size")),
-    "prompts",
-    "seed",
-]
 # The libraries whose versions the samples depend on, per backend.
 SAMPLING_LIBRARIES = {"transformers": ("torch", "transformers", "peft"), "vllm": ("torch", "vllm")}
 
@@ -393,7 +386,7 @@ def sample_jobs(
             name=f"generate replica {rank}",
             daemon=False,  # vLLM starts processes of its own (its engine core, tensor-parallel workers)
         )
-        for rank in range(max(1, replicas))
+        for rank in range(replicas)
     ]
     for worker in workers:
         pending.put(None)  # one end marker per replica
@@ -434,6 +427,10 @@ def _replica(rank: int, gpus: int, params_json: str, model_dir: str, pending: An
         results.put((-1, f"{type(error).__name__}: {error}"))
 
 
+# A language's facts of one run, beside its summary.
+FACTS = ("tokens_generated", "reused_completions", "generation_seconds")
+
+
 def generate_regime(params: Params, regime: str, langs: list[str] | None = None, run: StageRun | None = None) -> dict:
     """Stage generate@{regime}: `evaluation.n` completions per evaluation problem in every language the regime is
     evaluated in (or `langs`), into data/generations/{regime}/{lang}/.
@@ -447,18 +444,11 @@ def generate_regime(params: Params, regime: str, langs: list[str] | None = None,
         for lang in langs or params.evaluated_languages(regime)
     }
     if run is not None:
-        totals = {
-            key: sum(result[key] for result in results.values())
-            for key in ("completions", "tokens_generated", "reused_completions", "generation_seconds")
-        }
+        totals = {key: sum(result[key] for result in results.values()) for key in ("completions", *FACTS)}
         run.add_output(paths.regime_generations_dir(regime))
         run.add_budget(**totals)
         run.log_metrics(totals | {f"{lang}.{key}": result[key] for lang, result in results.items() for key in FACTS})
     return results
-
-
-# A language's facts of one run, beside its summary.
-FACTS = ("tokens_generated", "reused_completions", "generation_seconds")
 
 
 def generate_language(params: Params, regime: str, lang: str, out: Path, engines: Engines | None = None) -> dict:
