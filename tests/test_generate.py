@@ -81,6 +81,19 @@ def test_n_samples_per_problem_deterministic_under_a_seed(project):
     assert completions(out) == first
 
 
+def test_sampling_in_either_precision_is_deterministic_and_not_reused_by_the_other(project):
+    params = tiny_params()
+    out = paths.generations_dir("base", "fr")
+    for precision in ["no", "bf16"]:  # bf16 runs on any CPU (emulated where the CPU lacks it)
+        compute = params.compute.model_copy(update={"mixed_precision": precision})
+        changed = params.model_copy(update={"compute": compute})
+        assert generate.generate_language(changed, "base", "fr", out)["reused_completions"] == 0
+        sampled = completions(out)
+        shutil.rmtree(project / ".cache/generations")
+        generate.generate_language(changed, "base", "fr", out)
+        assert completions(out) == sampled
+
+
 def test_a_crashed_run_resumes_without_regenerating_finished_problems(project, monkeypatch):
     params = tiny_params()
     reference = paths.generations_dir("base", "fr")
@@ -192,6 +205,7 @@ def test_greedy_decoding_equals_transformers_generate_on_each_prompt_alone(proje
     # decoding loop (shared prompt cache, static cache, grouped attention) must pick the tokens `generate` picks.
     save_tiny_model(paths.base_model_dir(), kv_heads=1)
     params = tiny_params(temperature=0.0, max_new_tokens=8)
+    params = params.model_copy(update={"compute": params.compute.model_copy(update={"mixed_precision": "no"})})
     backend = generate.TransformersBackend(params, paths.base_model_dir())
     assert backend.model.config._attn_implementation == "sdpa_grouped_kv"
     texts = ["<|im_start|>user\nA B<think>\n", "<|im_start|>user\nCombien font 1 + 2 ? D D A<think>\n", "B"]
@@ -232,6 +246,23 @@ def test_grouped_attention_equals_sdpa_in_logits_and_gradients(tmp_path):
     torch.testing.assert_close(grouped_logits, sdpa_logits, rtol=1e-5, atol=1e-6)
     for grouped, sdpa in zip(grouped_grads, sdpa_grads, strict=True):
         torch.testing.assert_close(grouped, sdpa, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_a_decoding_steps_attention_equals_sdpa_under_either_mask(dtype, tolerance):
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 4, 1, 8, generator=generator).to(dtype)  # 4 query heads on 2 KV heads, one new token
+    key, value = (torch.randn(3, 2, 6, 8, generator=generator).to(dtype) for _ in range(2))
+    allowed = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    allowed[0, ..., :2] = False  # left padding
+    additive = torch.zeros(3, 1, 1, 6).masked_fill(~allowed, torch.finfo(torch.float32).min).to(dtype)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), attn_mask=allowed, enable_gqa=True
+    ).transpose(1, 2)
+    for mask in (allowed, additive):
+        output, _ = loading._grouped_sdpa_forward(None, query, key, value, mask, scaling=None)
+        assert output.shape == (3, 1, 4, 8) and output.dtype == dtype
+        torch.testing.assert_close(output.float(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_top_p_sampling_draws_from_the_nucleus_in_proportion():

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from budget_alignment import paths
+from budget_alignment import loading, paths
 from budget_alignment.params import Params, PromptParams
 from budget_alignment.train import grpo, launch, rewards, sft
 from budget_alignment.train import trainer_setup as setup
@@ -91,9 +91,9 @@ def test_every_grpo_param_reaches_trl_unchanged(tmp_path):
         "save_steps": 3,
         "use_vllm": False,
         "seed": params.seed,
-        # STACK.md: the CPU flags when there is no GPU, whatever the profile asks for.
+        # STACK.md: the CPU flags when there is no GPU, whatever the profile asks for; bf16 where the CPU has it.
         "use_cpu": True,
-        "bf16": False,
+        "bf16": loading.cpu_computes_bf16(),
         "gradient_checkpointing": False,
     }
     assert {key: getattr(config, key) for key in expected} == expected

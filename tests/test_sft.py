@@ -37,11 +37,11 @@ def project(tmp_path, monkeypatch):
 
 
 def config_for(training: SftParams, tmp_path: Path, lang: str = "ja", **changes):
+    changes = {"compute": ComputeParams(device="cpu")} | changes
     return sft.sft_config(
         training,
         stage=f"sft@{lang}",
         max_length=training.max_length_for(lang),
-        compute=ComputeParams(device="cpu"),
         seed=7,
         output_dir=tmp_path / "checkpoints",
         **changes,
@@ -72,9 +72,34 @@ def test_sft_config_carries_the_params_and_the_cpu_flags(tmp_path):
     # Japanese is about twice as long in tokens: each language has its own max_length.
     assert config.max_length == 448 and config_for(training, tmp_path, "fr").max_length == 320
     assert config.completion_only_loss is True and config.packing is False
-    # STACK.md: bf16 and gradient checkpointing on the CPU are refused or several times slower.
-    assert config.use_cpu is True and config.bf16 is False and config.gradient_checkpointing is False
+    # STACK.md: gradient checkpointing on the CPU is several times slower; bf16 as compute.mixed_precision says.
+    assert config.use_cpu is True and config.gradient_checkpointing is False
+    assert config.bf16 is loading.cpu_computes_bf16()  # `auto`
+    for precision, bf16 in [("no", False), ("bf16", True)]:
+        compute = ComputeParams(device="cpu", mixed_precision=precision)
+        assert config_for(training, tmp_path, compute=compute).bf16 is bf16
     assert config.report_to == [] or config.report_to == "none"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "computes_bf16"),
+    [
+        # An AMD EPYC (Zen 4) and an Intel Sapphire Rapids compute bf16; a Skylake Xeon has AVX-512 without it.
+        ("flags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n", True),
+        ("flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n", True),
+        ("flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n", False),
+        ("Features\t: fp asimd bf16 i8mm\n", True),  # Arm (Graviton 3)
+        ("Features\t: fp asimd\n", False),
+        (None, False),  # no /proc/cpuinfo: not Linux
+    ],
+)
+def test_auto_mixed_precision_is_bf16_where_the_cpu_computes_it(tmp_path, cpuinfo, computes_bf16):
+    file = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        file.write_text("processor\t: 0\n" + cpuinfo)
+    assert loading.cpu_computes_bf16(file) is computes_bf16
+    for precision, expected in [("auto", loading.cpu_computes_bf16()), ("bf16", True), ("no", False)]:
+        assert loading.bf16_mixed_precision(ComputeParams(device="cpu", mixed_precision=precision)) is expected
 
 
 def fast_trainer(tmp_path, examples=None, use_lora=True):

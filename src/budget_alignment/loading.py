@@ -5,6 +5,8 @@
 - **Remote code per named model.** A hub model's own Python (`modeling_*.py`) runs only for a model named in the
   top-level `trust_remote_code` list of params. The pipeline's own models (SFT, GRPO, merge) are the base model's
   architecture, so they share the base model's entry.
+- **One precision.** Where `compute.mixed_precision` says so (`bf16_mixed_precision`), training computes in bf16
+  under autocast, its weights staying in `base_model.dtype`, and the evaluation samples from the weights in bf16.
 - **Adapters on their true parent.** A LoRA adapter folder records the model it was trained on
   (`base_model_name_or_path` in `adapter_config.json`, a path inside the pipeline's models folder): the base for a
   LoRA SFT or a GRPO from the base, the full SFT model for a GRPO on a fully fine-tuned SFT model. Everything that
@@ -110,6 +112,37 @@ def gpu_available(compute: ComputeParams) -> bool:
     return available
 
 
+# /proc/cpuinfo's names of bf16 arithmetic: x86's AVX512-BF16 and AMX, Arm's BF16.
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@cache
+def cpu_computes_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has bf16 arithmetic (Linux's /proc/cpuinfo lists it; elsewhere: taken as not)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = {
+        flag
+        for line in text.splitlines()
+        if line.partition(":")[0].strip() in ("flags", "Features")
+        for flag in line.partition(":")[2].split()
+    }
+    return bool(flags & CPU_BF16_FLAGS)
+
+
+def bf16_mixed_precision(compute: ComputeParams) -> bool:
+    """Whether models compute in bf16 (`compute.mixed_precision`; params.py says why)."""
+    if compute.mixed_precision != "auto":
+        return compute.mixed_precision == "bf16"
+    if gpu_available(compute):
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    return cpu_computes_bf16()
+
+
 def require_safetensors(folder: str | Path) -> None:
     """Refuse a folder whose weights are pickle files (a LoRA adapter folder needs adapter_model.safetensors).
 
@@ -154,17 +187,21 @@ GROUPED_SDPA = "sdpa_grouped_kv"
 
 
 def _grouped_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
-    """transformers' "sdpa", except that grouped KV heads go to the kernel as they are (`enable_gqa`) under a mask.
+    """transformers' "sdpa", except that grouped KV heads go to the kernel as they are (`enable_gqa`) under a mask,
+    and a decoding step (one new token per sequence) is two matmuls per KV head.
 
     With a padding mask transformers copies every KV head to each of its query heads (`repeat_kv`) before the
     kernel, because CUDA's fused kernels cannot take both; the CPU kernel can, and the copies were most of a CPU
-    decoding step, with identical outputs (benchmarks/generation.py; figures in benchmarks/RESULTS.md).
+    decoding step, with identical outputs. For one query token that kernel is slower than the matmuls, in bf16 over ten
+    times (benchmarks/generation.py; figures in benchmarks/RESULTS.md).
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is None or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if query.shape[2] == 1 and not kwargs.get("dropout"):
+        return _decoding_step_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
     output = torch.nn.functional.scaled_dot_product_attention(
         query,
         key,
@@ -175,6 +212,21 @@ def _grouped_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
         enable_gqa=True,
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+def _decoding_step_attention(query, key, value, mask, scale):
+    """Attention of one query token per sequence: each KV head's query heads as a group (no copies of K and V), the
+    scores' softmax in float32. Returns (batch, 1, heads, dim), as the attention interface does."""
+    import torch
+
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (scale if scale is not None else dim**-0.5)
+    mask = mask[..., -length:].reshape(batch, 1, 1, length)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    output = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
+    return output.reshape(batch, 1, heads, dim)
 
 
 @cache

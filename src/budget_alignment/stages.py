@@ -68,7 +68,7 @@ STAGES: dict[str, Stage] = {
         # its completions: evaluation/generate.py).
         Stage("generate", "evaluation.generate", ("evaluation.datasets", *SAMPLING, "evaluation.tensor_parallel_size",
               "evaluation.english_reference", "languages", "prompts", "seed", "compute.device",
-              "compute.torch_threads", *MODEL_LOADING), ("regime",)),
+              "compute.torch_threads", "compute.mixed_precision", *MODEL_LOADING), ("regime",)),
         # Every evaluated pair in one process (the judge's models load once): the regimes, languages, English line.
         Stage("score", "evaluation.score", ("scoring", "evaluation.k", "evaluation.datasets", "evaluation.regimes",
               "languages", "evaluation.english_reference")),

@@ -68,7 +68,7 @@ class Backend(Protocol):
 
 
 class TransformersBackend:
-    """Batched sampling with left padding and the KV cache; a LoRA adapter is loaded on its parent, unmerged.
+    """Batched sampling with left padding and the KV cache; a LoRA adapter is merged into its parent.
 
     The decoding loop is this class's own rather than transformers' `generate`, whose sampling step (a sort and a
     multinomial draw over the whole vocabulary for every sequence) was a large part of a CPU step
@@ -85,7 +85,12 @@ class TransformersBackend:
         if params.compute.torch_threads:
             torch.set_num_threads(params.compute.torch_threads)
         self._tokenizer = loading.load_model_tokenizer(model_dir, params, padding_side="left")
-        self.model = loading.load_model(model_dir, params).to(self.device).eval()
+        model = loading.load_model(model_dir, params)
+        if loading.is_adapter(model_dir):  # merged: one matmul per layer instead of three
+            model = model.merge_and_unload()
+        if loading.bf16_mixed_precision(params.compute):  # sampled in bf16, as vLLM samples (logits: float32)
+            model = model.to(torch.bfloat16)
+        self.model = model.to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(
             eos if isinstance(eos, list) else [eos if eos is not None else self._tokenizer.eos_token_id]
@@ -288,6 +293,7 @@ def fingerprint(params: Params, model_dir: Path, lang: str) -> dict[str, Any]:
         "libraries": {name: _version(name) for name in SAMPLING_LIBRARIES[params.evaluation.backend]},
         "device": "cuda" if loading.gpu_available(params.compute) else "cpu",
         "dtype": params.base_model.dtype,
+        "bf16_mixed_precision": loading.bf16_mixed_precision(params.compute),
         "torch_threads": params.compute.torch_threads,
         "datasets": params.evaluation.datasets,
         "tensor_parallel_size": params.evaluation.tensor_parallel_size,

@@ -1,8 +1,9 @@
 """How SFT, the tiny base's reasoning prior and GRPO configure a trainer: devices, shared arguments, LoRA, inputs.
 
-- **Devices.** Without a GPU the trainers get `use_cpu=True, bf16=False` (TRL turns bf16 on by default and then
-  refuses, or runs much slower, on the CPU) and gradient checkpointing off (much slower on the CPU, for memory the
-  CPU does not lack). On a GPU, bf16 mixed precision where the GPU supports it, and checkpointing as the params say.
+- **Devices.** Without a GPU the trainers get `use_cpu=True` and gradient checkpointing off (much slower on the CPU,
+  for memory the CPU does not lack). bf16 mixed precision where `compute.mixed_precision` says (`loading.
+  bf16_mixed_precision`: by default where the device computes bf16 itself; a CPU without it emulates bf16 and runs
+  slower than in float32); on a GPU checkpointing as the params say.
 - **Tracking.** The trainers report to `TrackingCallback`, which logs through the stage's run (tracking.py: a store
   that is down loses nothing), not to transformers' MLflow callback, which talks to the server itself.
 - Checkpoints and resuming are `checkpoints.py`'s; the written model and metrics `outputs.py`'s; one process or
@@ -74,15 +75,12 @@ def apply_compute(compute: ComputeParams) -> None:
 
 def device_arguments(compute: ComputeParams, gradient_checkpointing: bool) -> dict[str, Any]:
     """The TrainingArguments that depend on the device (see the module docstring for why)."""
-    if not loading.gpu_available(compute):
-        return {"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}
-    import torch
-
+    on_gpu = loading.gpu_available(compute)
     return {
-        "use_cpu": False,
-        "bf16": torch.cuda.is_bf16_supported(),
+        "use_cpu": not on_gpu,
+        "bf16": loading.bf16_mixed_precision(compute),
         "fp16": False,
-        "gradient_checkpointing": gradient_checkpointing,
+        "gradient_checkpointing": gradient_checkpointing and on_gpu,
     }
 
 
