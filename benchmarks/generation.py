@@ -7,8 +7,10 @@ Needs what `generate@base` reads in a language: data/models/base and data/normal
 pipeline, or `dvc repro normalize problems`, first). Times one pooled batch (evaluation.limit problems of
 every evaluation set x n samples x max_new_tokens) three times:
 
-1. the backend as the stage runs it (grouped-KV attention, shared prompt cache, static cache, nucleus sampling);
-2. the same loop with transformers' own "sdpa" attention, which copies each KV head to its query heads under a
+1. the backend as the stage runs it (grouped-KV attention, a decoding step's attention as matmuls, shared prompt
+   cache, static cache, nucleus sampling), in float32 and in bf16 (`compute.mixed_precision`: bf16 where the CPU
+   computes it, benchmarks/RESULTS.md);
+2. the float32 loop with transformers' own "sdpa" attention, which copies each KV head to its query heads under a
    padding mask, and checks that it draws the very same tokens;
 3. transformers' `generate` (`num_return_sequences=n`, the same temperature and top_p) as the reference point.
 
@@ -42,7 +44,12 @@ def main() -> None:
 
     params = load_params(args.params)
     settings = params.evaluation
-    backend, load_seconds = timed(lambda: TransformersBackend(params, paths.model_dir("base")))
+
+    def backend_in(precision: str) -> TransformersBackend:
+        compute = params.compute.model_copy(update={"mixed_precision": precision})
+        return TransformersBackend(params.model_copy(update={"compute": compute}), paths.model_dir("base"))
+
+    backend, load_seconds = timed(lambda: backend_in("no"))
     tokenizer = backend.tokenizer()
     problems = [
         problem
@@ -55,11 +62,15 @@ def main() -> None:
     rows = []
     grouped, seconds = timed(lambda: backend.generate(texts, settings.n, seed=1))
     tokens = sum(sample.tokens for samples in grouped for sample in samples)
-    rows.append(("backend (grouped-KV attention)", seconds, tokens))
+    rows.append(("backend (grouped-KV attention), float32", seconds, tokens))
+    in_bf16 = backend_in("bf16")
+    sampled, seconds = timed(lambda: in_bf16.generate(texts, settings.n, seed=1))
+    rows.append(("backend (grouped-KV attention), bf16", seconds, sum(s.tokens for row in sampled for s in row)))
 
     backend.model.set_attn_implementation("sdpa")
     plain, seconds = timed(lambda: backend.generate(texts, settings.n, seed=1))
-    rows.append(("backend with transformers' sdpa", seconds, sum(s.tokens for samples in plain for s in samples)))
+    plain_tokens = sum(s.tokens for samples in plain for s in samples)
+    rows.append(("backend with transformers' sdpa, float32", seconds, plain_tokens))
     same = [[s.text for s in samples] for samples in plain] == [[s.text for s in samples] for samples in grouped]
 
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -77,9 +88,8 @@ def main() -> None:
             )
         )
     new = output[:, encoded["input_ids"].shape[1] :]
-    rows.append(
-        ("transformers generate (sdpa, num_return_sequences)", seconds, int((new != tokenizer.pad_token_id).sum()))
-    )
+    new_tokens = int((new != tokenizer.pad_token_id).sum())
+    rows.append(("transformers generate (sdpa, num_return_sequences), float32", seconds, new_tokens))
 
     print(
         f"{len(texts)} prompts ({min(lengths)}-{max(lengths)} tokens) x n={settings.n}, "
@@ -89,7 +99,7 @@ def main() -> None:
     print("| generation | seconds | tokens | tokens/s |\n|---|---|---|---|")
     for name, seconds, tokens in rows:
         print(f"| {name} | {seconds:.1f} | {tokens} | {tokens / seconds:.0f} |")
-    print(f"\nsame tokens with either attention: {same}")
+    print(f"\nsame tokens with either attention (float32): {same}")
 
 
 if __name__ == "__main__":
