@@ -192,8 +192,8 @@ def _grouped_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
 
     With a padding mask transformers copies every KV head to each of its query heads (`repeat_kv`) before the
     kernel, because CUDA's fused kernels cannot take both; the CPU kernel can, and the copies were most of a CPU
-    decoding step, with identical outputs. For one query token that kernel is slower than the matmuls, in bf16 over ten
-    times (benchmarks/generation.py; figures in benchmarks/RESULTS.md).
+    decoding step, with identical outputs. For one query token that kernel is slower than two matmuls, by far in bf16
+    (benchmarks/generation.py; figures in benchmarks/RESULTS.md).
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -47,8 +47,8 @@ class ComputeParams(Section):
     # bf16 mixed precision in training (under autocast: the weights stay in base_model.dtype) and bf16 weights when
     # the evaluation samples with transformers (vLLM samples in base_model.dtype):
     # `auto` where the device computes bf16 itself (a GPU that supports it; a CPU with AVX512-BF16, AMX or Arm's
-    # BF16: there the tiny profile trains about 1.7 times as fast, benchmarks/RESULTS.md), full precision elsewhere
-    # (a CPU without it emulates bf16, slower than float32). The results then differ by bf16's rounding.
+    # BF16, where the tiny profile runs faster: benchmarks/RESULTS.md), full precision elsewhere (a CPU without it
+    # emulates bf16, slower than float32). The results then differ by bf16's rounding.
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     # Generation engines side by side, each on its own `evaluation.tensor_parallel_size` GPUs; `auto`: as many as
     # the visible GPUs hold (vLLM), one otherwise. The completions do not depend on it (batches are fixed by params).
