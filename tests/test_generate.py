@@ -87,6 +87,8 @@ def test_sampling_in_either_precision_is_deterministic_and_not_reused_by_the_oth
     for precision in ["no", "bf16"]:  # bf16 runs on any CPU (emulated where the CPU lacks it)
         compute = params.compute.model_copy(update={"mixed_precision": precision})
         changed = params.model_copy(update={"compute": compute})
+        model = generate.TransformersBackend(changed, paths.base_model_dir()).model
+        assert model.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
         assert generate.generate_language(changed, "base", "fr", out)["reused_completions"] == 0
         sampled = completions(out)
         shutil.rmtree(project / ".cache/generations")

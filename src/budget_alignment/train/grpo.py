@@ -309,6 +309,7 @@ def train_grpo(params: Params, init: Init, lang: str, run: StageRun | None = Non
         params.prompts.model_dump(),
         params.scoring.model_dump(mode="json"),
         params.seed,
+        loading.bf16_mixed_precision(params.compute),
         data,
         policy.start,
         *([reference] if reference else []),

@@ -87,7 +87,8 @@ def apply_reasoning_prior(params: Params, model_dir: Path, run: StageRun | None 
     examples = prior_examples(chains, tokenizer, settings.question_languages)
     # The converted model is rebuilt on every run (new mtimes); its source and the data identify the run.
     source = params.base_model.model_dump(mode="json", exclude={"reasoning_prior"})
-    digest = checkpoints.fingerprint(stage, source, settings.model_dump(mode="json"), params.seed, examples)
+    precision = loading.bf16_mixed_precision(params.compute)
+    digest = checkpoints.fingerprint(stage, source, settings.model_dump(mode="json"), params.seed, precision, examples)
     checkpoint_dir = checkpoints.checkpoint_dir(stage, digest)
     trainer, metrics = sft.fine_tune(
         stage=stage,

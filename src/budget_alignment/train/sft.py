@@ -211,7 +211,13 @@ def train_from(
     tokenizer = loading.load_model_tokenizer(start, params)
     examples = sft_examples(problems, tokenizer, params.prompts)
     digest = checkpoints.fingerprint(
-        stage, training.model_dump(mode="json"), params.prompts.model_dump(), params.seed, data, start
+        stage,
+        training.model_dump(mode="json"),
+        params.prompts.model_dump(),
+        params.seed,
+        loading.bf16_mixed_precision(params.compute),  # a checkpoint of the other precision is not resumed
+        data,
+        start,
     )
     checkpoint_dir = checkpoints.checkpoint_dir(stage, digest)
     continued = loading.is_adapter(start)
