@@ -36,6 +36,7 @@ from chat_server import ChatServer
 from test_train_helpers import (
     FAST_GRPO,
     FAST_SFT,
+    complete_checkpoints,
     make_project,
     save_tiny_adapter,
     save_tiny_model,
@@ -259,10 +260,7 @@ def test_a_killed_grpo_stage_resumes_from_its_checkpoint_and_ends_as_an_uninterr
     run_stage(command, reference)
     root = crashed / ".cache/checkpoints/grpo@base-ja"
 
-    def a_complete_checkpoint() -> bool:
-        return bool(list(root.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}")))
-
-    kill_when(command, crashed, a_complete_checkpoint)
+    kill_when(command, crashed, lambda: complete_checkpoints(root))
     assert not (crashed / paths.model_dir("grpo_base-ja")).exists()
     (folder,) = root.iterdir()
     last = setup.last_complete_checkpoint(folder)
@@ -329,11 +327,6 @@ def repro_to_the_end(root: Path, stage: str) -> subprocess.CompletedProcess:
     result = subprocess.run(repro(stage), cwd=root, env=dvc_env(root), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
-
-
-def complete_checkpoints(folder: Path, exclude: frozenset[Path] = frozenset()) -> list[Path]:
-    found = folder.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}")
-    return [marker.parent for marker in found if marker.parent.parent not in exclude]
 
 
 @pytest.mark.slow

@@ -22,9 +22,17 @@ import pytest
 from budget_alignment import paths
 from budget_alignment.evaluation.problems import problems_file
 from budget_alignment.records import Completion, Problem, read_records, write_records
-from budget_alignment.train import checkpoints as training_checkpoints
 from stage_process import REPO, budget_align, fill_disk, one_error_line, start
-from test_train_helpers import FAST_GRPO, FAST_SFT, make_project, save_tiny_model, tiny_params, wait_for, write_params
+from test_train_helpers import (
+    FAST_GRPO,
+    FAST_SFT,
+    complete_checkpoints,
+    make_project,
+    save_tiny_model,
+    tiny_params,
+    wait_for,
+    write_params,
+)
 
 FREE_SPACE = r"\. Free space or fix the path, then rerun: finished outputs and caches are kept\.$"
 
@@ -87,10 +95,6 @@ def training_project(tmp_path) -> Path:
     params = tiny_params(sft=FAST_SFT | {"max_steps": 4, "save_steps": 1}, grpo=FAST_GRPO | {"max_steps": 3})
     write_params(root / "params.yaml", params)
     return root
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    return list(folder.glob(f"*/checkpoint-*/{training_checkpoints.CHECKPOINT_COMPLETE_MARKER}"))
 
 
 def disk_fills_after_the_first_checkpoint(root: Path, stage: str, args: list[str], size: int) -> str:

@@ -20,6 +20,7 @@ from budget_alignment.train import checkpoints as setup
 from budget_alignment.train import sft, trainer_setup
 from test_train_helpers import (
     FAST_SFT,
+    complete_checkpoints,
     enter_project,
     problems,
     subprocess_env,
@@ -182,15 +183,12 @@ def test_a_killed_sft_stage_resumes_from_its_last_checkpoint(project):
     command = [sys.executable, "-m", "budget_alignment.cli", "sft", "ja", "--params", str(params_file)]
     root = paths.checkpoints_dir("sft@ja")
 
-    def complete_checkpoints() -> list[Path]:
-        return sorted(root.glob(f"*/checkpoint-*/{setup.CHECKPOINT_COMPLETE_MARKER}"))
-
     first = subprocess.Popen(command, cwd=project, env=subprocess_env(project), stderr=subprocess.DEVNULL)
-    wait_for(lambda: complete_checkpoints(), first, timeout=120)
+    wait_for(lambda: complete_checkpoints(root), first, timeout=120)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     assert not paths.model_dir("sft-ja").exists()
-    last = setup.last_complete_checkpoint(complete_checkpoints()[-1].parent.parent)
+    last = setup.last_complete_checkpoint(complete_checkpoints(root)[-1].parent)
     assert last is not None and setup.checkpoint_step(last) < steps
 
     second = subprocess.run(command, cwd=project, env=subprocess_env(project), capture_output=True, text=True)
@@ -204,6 +202,21 @@ def test_a_killed_sft_stage_resumes_from_its_last_checkpoint(project):
     assert load_file(paths.model_dir("sft-ja") / "adapter_model.safetensors")
     assert not root.exists()
     assert budget["tokens_trained"] == metrics["tokens_trained"] > 0
+
+
+def test_a_checkpoint_whose_state_file_was_cut_short_is_removed_and_the_one_before_resumed(tmp_path):
+    """A kill while the Trainer writes its state file, the last of a checkpoint, leaves it empty or cut short (seen in
+    CI: the rerun stopped on its JSON). Such a checkpoint is not complete; the one before it is resumed."""
+    state = json.dumps({"global_step": 1, "log_history": []}, indent=2)
+    for step, text in [(1, state), (2, ""), (3, state[: len(state) // 2]), (4, None)]:
+        checkpoint = tmp_path / f"{setup.CHECKPOINT_PREFIX}{step}"
+        checkpoint.mkdir()
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+        if text is not None:
+            (checkpoint / setup.CHECKPOINT_COMPLETE_MARKER).write_text(text)
+
+    assert setup.last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
 
 
 def test_a_bos_written_by_the_chat_template_is_not_doubled_by_the_tokenizer():

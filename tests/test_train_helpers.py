@@ -234,6 +234,15 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 180) -> None
         time.sleep(0.02)
 
 
+def complete_checkpoints(folder: Path, exclude: frozenset[Path] = frozenset()) -> list[Path]:
+    """The complete checkpoints under a stage's checkpoint folder (one folder per fingerprint), oldest first; none of
+    the fingerprint folders in `exclude`. Complete as a resumed run judges it: a kill is timed on these."""
+    from budget_alignment.train import checkpoints
+
+    found = [c for c in folder.glob(f"*/{checkpoints.CHECKPOINT_PREFIX}*") if c.parent not in exclude]
+    return sorted(filter(checkpoints.is_complete, found), key=checkpoints.checkpoint_step)
+
+
 # --- the helpers themselves -----------------------------------------------------------------------------------------
 
 

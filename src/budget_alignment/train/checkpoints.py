@@ -57,6 +57,16 @@ def checkpoint_step(folder: Path) -> int:
     return int(folder.name.removeprefix(CHECKPOINT_PREFIX))
 
 
+def is_complete(checkpoint: Path) -> bool:
+    """Written to the end: the Trainer's state file, written last, is there and whole. A kill while the Trainer writes
+    it (opened, truncated, then filled) leaves it empty or cut short, and resuming from it would fail on its JSON."""
+    try:
+        state = json.loads((checkpoint / CHECKPOINT_COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
 def last_complete_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint that was written to the end; half-written ones (a kill during saving) are removed."""
     if not folder.is_dir():
@@ -65,7 +75,7 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
         (p for p in folder.iterdir() if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()),
         key=checkpoint_step,
     )
-    complete = [p for p in candidates if (p / CHECKPOINT_COMPLETE_MARKER).is_file()]
+    complete = [p for p in candidates if is_complete(p)]
     for partial in set(candidates) - set(complete):
         log.warning("removing the incomplete checkpoint %s", partial)
         shutil.rmtree(partial, ignore_errors=True)
