@@ -75,6 +75,20 @@ def test_base_model_from_the_real_wheel_loads_generates_and_chats(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_kept_conversion_is_keyed_on_the_gguf_the_tokens_and_the_conversion():
+    """A conversion is reused only where it would come out the same: another GGUF or another eos/pad token is
+    converted afresh (the libraries' versions and the conversion's code are in the key too)."""
+    source = load_params(REPO / "params.yaml").base_model.pypi_gguf
+    key = models.conversion_key("a" * 64, source)
+    assert key == models.conversion_key("a" * 64, source.model_copy())
+    others = [
+        models.conversion_key("b" * 64, source),
+        models.conversion_key("a" * 64, source.model_copy(update={"eos_token": "<|endoftext|>"})),
+        models.conversion_key("a" * 64, source.model_copy(update={"pad_token": None})),
+    ]
+    assert len({key, *others}) == 4
+
+
 def test_a_wrong_wheel_hash_is_refused_and_nothing_is_written(tmp_path):
     params = write_params(tmp_path, sha256="0" * 64)
     result = run_cli("base-model", "--params", str(params), cwd=tmp_path)

