@@ -74,7 +74,6 @@ def test_base_model_from_the_real_wheel_loads_generates_and_chats(tmp_path):
     assert not torch.isnan(model(**inputs).logits).any()
 
 
-@pytest.mark.slow
 def test_a_kept_conversion_is_keyed_on_the_gguf_the_tokens_and_the_conversion():
     """A conversion is reused only where it would come out the same: another GGUF or another eos/pad token is
     converted afresh (the libraries' versions and the conversion's code are in the key too)."""
@@ -89,6 +88,7 @@ def test_a_kept_conversion_is_keyed_on_the_gguf_the_tokens_and_the_conversion():
     assert len({key, *others}) == 4
 
 
+@pytest.mark.slow
 def test_a_wrong_wheel_hash_is_refused_and_nothing_is_written(tmp_path):
     params = write_params(tmp_path, sha256="0" * 64)
     result = run_cli("base-model", "--params", str(params), cwd=tmp_path)

@@ -85,7 +85,7 @@ def apply_reasoning_prior(params: Params, model_dir: Path, run: StageRun | None 
     chains = prior_chains(params)
     tokenizer = loading.load_model_tokenizer(model_dir, params)
     examples = prior_examples(chains, tokenizer, settings.question_languages)
-    # The converted model is rebuilt on every run (new mtimes); its source and the data identify the run.
+    # The base's folder is written anew by every run (new mtimes); its source and the data identify the run.
     source = params.base_model.model_dump(mode="json", exclude={"reasoning_prior"})
     precision = loading.bf16_mixed_precision(params.compute)
     digest = checkpoints.fingerprint(stage, source, settings.model_dump(mode="json"), params.seed, precision, examples)
