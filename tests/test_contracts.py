@@ -5,6 +5,7 @@ instead, and a table-level failure always fails the stage."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from budget_alignment.data.contracts import problem_frame
 from budget_alignment.data.expectations import CHECKS, canonical_answer, delimiters_ok, in_language, spans_restored
 from budget_alignment.data.ingest import ingest_dataset
 from budget_alignment.data.translate import translate_dataset
-from budget_alignment.data.validation import ContractViolation, validate
+from budget_alignment.data.validation import ContractViolation, one_docs_build, validate
 from budget_alignment.params import Params, load_params
 from budget_alignment.records import Problem, read_records
 
@@ -103,6 +104,25 @@ def test_the_bundled_data_passes_every_check(in_stage_data):
     index = (docs / "index.html").read_text()
     assert "normalize__chains-ja" in index and "translate__chains-ja" in index
     assert (docs / ".gitignore").read_text() == "*\n"
+
+
+def test_a_data_stage_builds_its_data_docs_once_when_its_validations_are_done(in_stage_data):
+    """Inside `one_docs_build` (what the data stages run in) no page is rendered until the block closes; then every
+    suite validated in it has its page, and the index lists them beside the pages already on disk."""
+    _root, params = in_stage_data
+    docs = paths.data_quality_dir() / "docs"
+    normalize.normalize_dataset(params, "math", langs=["en"])  # a page built at once, outside the block
+    assert (docs / "validations" / "normalize__math-en").is_dir()
+    for lang in ("en", "ja"):  # pages an earlier test may have built
+        shutil.rmtree(docs / "validations" / f"normalize__college_math-{lang}", ignore_errors=True)
+    with one_docs_build(None):
+        normalize.normalize_dataset(params, "college_math", langs=["en", "ja"])
+        assert json.loads(paths.data_quality_report("normalize@college_math", "ja").read_text())["success"]
+        assert not (docs / "validations" / "normalize__college_math-ja").exists()  # results on disk, pages not yet
+        assert (docs / ".results" / "normalize__college_math-ja").is_dir()
+    index = (docs / "index.html").read_text()
+    for suite in ("normalize__college_math-en", "normalize__college_math-ja", "normalize__math-en"):
+        assert (docs / "validations" / suite).is_dir() and suite in index
 
 
 # --- the corruption suite ------------------------------------------------------------------------------------------

@@ -189,8 +189,10 @@ def ingest(datasets: Datasets = None, params_file: ParamsFile = DEFAULT_PARAMS) 
     params = load(params_file)
     with tracked_stage("ingest", params) as run:
         from budget_alignment.data.ingest import ingest_dataset
+        from budget_alignment.data.validation import one_docs_build
 
-        each_dataset(params, datasets, lambda dataset: ingest_dataset(params, dataset, run))
+        with one_docs_build(run):
+            each_dataset(params, datasets, lambda dataset: ingest_dataset(params, dataset, run))
 
 
 @app.command("translate")
@@ -208,8 +210,10 @@ def translate(datasets: Datasets = None, langs: LangOption = None, params_file: 
         check_api_keys(params, dataset, langs)  # before any work: a missing key costs nothing
     with tracked_stage("translate", params) as run:
         from budget_alignment.data.translate import Translators, translate_dataset
+        from budget_alignment.data.validation import one_docs_build
 
-        with Translators(params) as translators:  # a local translation model loads once for every dataset
+        # A local translation model loads once for every dataset; the Data Docs are built once for all of them.
+        with Translators(params) as translators, one_docs_build(run):
             each_dataset(
                 params,
                 datasets,
@@ -225,8 +229,10 @@ def normalize(datasets: Datasets = None, langs: LangOption = None, params_file: 
         require(lang in params.normalize, f"normalize has no entry for {lang!r} ({', '.join(params.normalize)})")
     with tracked_stage("normalize", params) as run:
         from budget_alignment.data.normalize import normalize_dataset
+        from budget_alignment.data.validation import one_docs_build
 
-        each_dataset(params, datasets, lambda dataset: normalize_dataset(params, dataset, run, langs=langs))
+        with one_docs_build(run):
+            each_dataset(params, datasets, lambda dataset: normalize_dataset(params, dataset, run, langs=langs))
 
 
 def run_training(

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -390,20 +392,57 @@ def _write_report(contract: ContractOutcome) -> None:
 
 
 def _publish(context, docs: Path, suite: str, contract: ContractOutcome, run: StageRun | None) -> None:
-    """Data Docs and MLflow artifacts; best effort, since the JSON report already holds the outcome."""
+    """Data Docs and MLflow artifacts, now or (inside `one_docs_build`) when the stage's validations are done."""
+    deferred = _DEFERRED.get()
+    if deferred is not None:
+        deferred.append(contract)
+        return
+    _build_docs(context, docs, [suite])
+    _log_artifacts(docs, suite, contract, run)
+
+
+# The contracts validated inside `one_docs_build`, whose Data Docs wait for it to close.
+_DEFERRED: ContextVar[list[ContractOutcome] | None] = ContextVar("deferred_data_docs", default=None)
+
+
+@contextmanager
+def one_docs_build(run: StageRun | None) -> Iterator[None]:
+    """Within it, validations leave the Data Docs site to one build when it closes (a failed stage's too): a build
+    re-reads every validation result on disk for the site's index, so one build per validation costs a data stage the
+    square of its datasets and languages."""
+    token = _DEFERRED.set([])
+    try:
+        yield
+    finally:
+        contracts = _DEFERRED.get() or []
+        _DEFERRED.reset(token)
+        if contracts:
+            docs = paths.data_docs_dir().resolve()
+            suites = [suite_name(contract.stage, contract.lang) for contract in contracts]
+            _build_docs(_gx_context(docs), docs, suites)
+            for suite, contract in zip(suites, contracts, strict=True):
+                _log_artifacts(docs, suite, contract, run)
+
+
+def _build_docs(context, docs: Path, suites: Sequence[str]) -> None:
+    """Render the suites' pages and the index; best effort, since the JSON reports already hold the outcomes."""
     try:
         docs.mkdir(parents=True, exist_ok=True)
         # The site is rebuilt from results on disk; it is a view, not a pipeline output, and stays out of git.
         (docs / ".gitignore").write_text("*\n", encoding="utf-8")
-        # Render this stage's page only (and the index); the other stages' pages are already on disk.
+        # Render these suites' pages only (and the index); the other stages' pages are already on disk.
+        wanted = set(suites)
         keys = [
             key
             for key in context.validation_results_store.list_keys()
-            if key.expectation_suite_identifier.name == suite
+            if key.expectation_suite_identifier.name in wanted
         ]
         context.build_data_docs(site_names=["data_quality"], resource_identifiers=keys)
     except Exception as error:  # rendering must never fail a stage
         log.warning("could not build the Data Docs site at %s: %s", docs, error)
+
+
+def _log_artifacts(docs: Path, suite: str, contract: ContractOutcome, run: StageRun | None) -> None:
     if run is None or not run.active:
         return
     folder = f"data_quality/{contract.stage.partition('@')[2]}/{contract.lang}"
