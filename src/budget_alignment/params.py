@@ -406,6 +406,10 @@ class GrpoParams(Section):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     learning_rate: Annotated[float, Field(gt=0)] = 1e-5
     lora: LoraParams = LoraParams(r=8, alpha=16)
+    # Dropout off in the policy while GRPO trains (TRL's disable_dropout; the LoRA's and the model's): the rollouts
+    # sample the policy itself, as vLLM's do, and a second pass over them (num_iterations) compares one function with
+    # itself rather than two dropout draws. A continued SFT adapter keeps its own dropout unless this is on.
+    disable_dropout: bool = False
     # Reward name -> weight, in every language; the reward functions run in this order. A language code maps to the
     # weights that language replaces (the post's correctness-first Spanish: `es: {accuracy: 1.0, language: 0.1}`).
     reward_weights: dict[str, float | dict[str, float]] = {

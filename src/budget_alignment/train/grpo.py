@@ -132,6 +132,7 @@ def grpo_config(
             gradient_checkpointing=grpo.gradient_checkpointing,
         ),
         learning_rate=grpo.learning_rate,
+        disable_dropout=grpo.disable_dropout,
         epsilon=grpo.clip_low,
         epsilon_high=grpo.clip_high,
         num_iterations=grpo.num_iterations,
