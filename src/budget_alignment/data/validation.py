@@ -419,14 +419,16 @@ def one_docs_build(run: StageRun | None) -> Iterator[None]:
         if contracts:
             docs = paths.data_docs_dir().resolve()
             suites = [suite_name(contract.stage, contract.lang) for contract in contracts]
-            _build_docs(_gx_context(docs), docs, suites)
+            _build_docs(None, docs, suites)
             for suite, contract in zip(suites, contracts, strict=True):
                 _log_artifacts(docs, suite, contract, run)
 
 
 def _build_docs(context, docs: Path, suites: Sequence[str]) -> None:
-    """Render the suites' pages and the index; best effort, since the JSON reports already hold the outcomes."""
+    """Render the suites' pages and the index (with the validation's GX context, or a new one over the same stores);
+    best effort, since the JSON reports already hold the outcomes."""
     try:
+        context = context or _gx_context(docs)
         docs.mkdir(parents=True, exist_ok=True)
         # The site is rebuilt from results on disk; it is a view, not a pipeline output, and stays out of git.
         (docs / ".gitignore").write_text("*\n", encoding="utf-8")
