@@ -4,6 +4,9 @@ continues the SFT adapter, per-reward curves reach the stage's MLflow run."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -403,3 +406,17 @@ def test_a_grpo_step_with_vllm_colocated(project):
     )
     metrics = grpo.train_grpo(params, "base", "ja")
     assert metrics["global_step"] == 1 and metrics["tokens_generated"] > 0
+
+
+def test_a_training_process_leaves_mlflow_to_its_run():
+    """A training stage logs through its run's own process; the trainers' process does not import mlflow (TRL would,
+    at import time, were transformers' MLflow integration on: seconds of every training stage's start-up)."""
+    env = {key: value for key, value in os.environ.items() if key != "DISABLE_MLFLOW_INTEGRATION"}
+    code = (
+        "import sys\n"
+        "from budget_alignment.train import grpo, sft\n"
+        "from trl import GRPOTrainer, SFTTrainer\n"
+        "print('mlflow' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", result.stderr

@@ -5,7 +5,10 @@
   bf16_mixed_precision`: by default where the device computes bf16 itself; a CPU without it emulates bf16 and runs
   slower than in float32); on a GPU checkpointing as the params say.
 - **Tracking.** The trainers report to `TrackingCallback`, which logs through the stage's run (tracking.py: a store
-  that is down loses nothing), not to transformers' MLflow callback, which talks to the server itself.
+  that is down loses nothing), not to transformers' MLflow callback, which talks to the server itself. That
+  integration is switched off in the training process (`DISABLE_MLFLOW_INTEGRATION`): with it on, TRL imports mlflow
+  there at import time, seconds of each training stage's start-up for a module the process never uses (its run logs
+  from a process of its own).
 - Checkpoints and resuming are `checkpoints.py`'s; the written model and metrics `outputs.py`'s; one process or
   several `launch.py`'s.
 """
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 P = TypeVar("P", bound=Problem)
+
+os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")  # before anything imports TRL (see the module's docstring)
 
 
 class TrainingError(StageError, RuntimeError):
